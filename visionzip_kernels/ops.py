@@ -1,0 +1,78 @@
+"""The one place where the ``torch.ops.visionzip`` operators get their Python-side registrations.
+
+The schemas live in C++ (``csrc/ops.cpp``) so libtorch users have them too. Importing this module
+loads that library and adds what only Python can provide:
+
+* fake (meta) kernels, so the ops trace under ``torch.compile(fullgraph=True)`` and FakeTensor;
+* the Triton implementations, as their own custom ops (``visionzip::compress_triton``), and as the
+  CUDA kernel of ``visionzip::compress`` when the extension was built without CUDA kernels.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from ._validation import check_compress_inputs
+
+try:
+    from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    raise ImportError(
+        "visionzip_kernels._C is not built. Run `make build` (or `pip install -e .`) in the repository first."
+    ) from exc
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, dispatch_key)
+
+
+#: True when the compiled extension carries the hand-written CUDA kernels (backend "cuda").
+HAS_CUDA_KERNELS: bool = _has_kernel("visionzip::compress", "CUDA")
+
+
+@torch.library.register_fake("visionzip::compress")
+def _compress_fake(
+    hidden: torch.Tensor,
+    attn: torch.Tensor,
+    k: int,
+    *,
+    keys: Optional[torch.Tensor] = None,
+    contextual: Optional[int] = None,
+    has_cls: bool = True,
+) -> torch.Tensor:
+    plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
+    return hidden.new_empty((plan.batch, plan.k, plan.channels))
+
+
+@torch.library.register_fake("visionzip::compress_with_indices")
+def _compress_with_indices_fake(
+    hidden: torch.Tensor,
+    attn: torch.Tensor,
+    k: int,
+    *,
+    keys: Optional[torch.Tensor] = None,
+    contextual: Optional[int] = None,
+    has_cls: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
+    idx = dict(dtype=torch.long)
+    return (
+        hidden.new_empty((plan.batch, plan.k, plan.channels)),
+        hidden.new_empty((plan.batch, plan.dominant), **idx),
+        hidden.new_empty((plan.batch, plan.contextual), **idx),
+        hidden.new_empty((plan.batch, plan.tokens), **idx),
+    )
+
+
+def _triton_module():
+    """The Triton backend module, or None where triton is not installed."""
+    try:
+        return importlib.import_module("visionzip_kernels.triton")
+    except ImportError:
+        return None
+
+
+TRITON = _triton_module()

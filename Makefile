@@ -1,0 +1,60 @@
+# visionzip-kernels: `make demo` and `make test` set up .venv if missing, build the extension, then run.
+# On a machine without CUDA the environment gets torch==2.13.0 (CPU wheel); where the system Python
+# already has a CUDA-enabled torch, the venv sees it (--system-site-packages) and installs no torch.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+TRITON_VERSION := 3.7.1
+export MAX_JOBS ?= 2
+
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+READY := $(VENV)/.visionzip-ready
+BUILT := visionzip_kernels/.build-stamp
+
+.PHONY: setup build test demo bench cuda-check gpu clean
+
+setup: $(READY)
+
+$(READY): pyproject.toml Makefile
+	@set -e; \
+	if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
+	    echo "== using the CUDA-enabled torch of $(PYTHON)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV); \
+	  fi; \
+	fi; \
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==$(TRITON_VERSION); \
+	for pkg in numpy pytest matplotlib ninja setuptools wheel "transformers>=5,<6"; do \
+	  mod=$${pkg%%[<>=]*}; \
+	  $(PY) -c "import $$mod" 2>/dev/null || $(PY) -m pip install -q "$$pkg"; \
+	done; \
+	$(PY) -c "import torch, triton; print('== torch', torch.__version__, '| triton', triton.__version__)"; \
+	touch $@
+
+build: $(BUILT)
+
+$(BUILT): $(READY) $(SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+test: $(BUILT)
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+demo: $(BUILT)
+	$(PY) benchmarks/bench_compress.py
+
+bench: demo
+
+cuda-check: $(READY)
+	$(PY) tools/check_cuda_build.py
+
+# Everything that needs a GPU, in one call (tests, benchmarks, compute-sanitizer); see benchmarks/gpu_all.sh.
+gpu: $(BUILT)
+	bash benchmarks/gpu_all.sh
+
+clean:
+	rm -rf build visionzip_kernels/_C*.so $(BUILT)

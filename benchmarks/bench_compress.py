@@ -1,0 +1,246 @@
+"""Benchmark visionzip::compress against the eager transcription of the original code and
+torch.compile of the reference, on named VLM workloads.
+
+    python benchmarks/bench_compress.py                       # default workloads, table + JSON + PNG
+    python benchmarks/bench_compress.py --workloads llava15-b8 video --dtype float32
+
+Every row is a median over repeated calls, all methods of a workload measured side by side in one
+run. Columns: median ms per call, speedup over eager, and the memory floor: the bytes the call must
+move (each needed input byte read once, the output written once), the time of one copy of the
+largest needed input (``clone``: reads and writes it once), and on GPU the fraction of the measured
+device-to-device copy bandwidth reached on those bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import visionzip_kernels as vz  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    batch: int
+    tokens: int
+    channels: int
+    heads: int
+    k: int
+    has_cls: bool
+    key_dim: int = 64
+    what: str = ""
+
+
+WORKLOADS = {
+    w.name: w
+    for w in [
+        Workload("llava15", 1, 577, 1024, 16, 64, True, what="LLaVA-1.5, CLIP-L/336, one image"),
+        Workload("llava15-b8", 8, 577, 1024, 16, 64, True, what="8 images of LLaVA-1.5"),
+        Workload("llava-next", 5, 577, 1024, 16, 64, True, what="LLaVA-NeXT anyres: 5 crops"),
+        Workload("video", 32, 577, 1024, 16, 64, True, what="32 video frames"),
+        Workload("siglip384", 1, 729, 1152, 16, 64, False, 72, what="SigLIP-so400m/384, no CLS"),
+        Workload("clip448", 1, 1025, 1024, 16, 64, True, what="CLIP-L/448"),
+        Workload("stress-b256", 256, 577, 1024, 16, 64, True, what="256 images (GPU stress row)"),
+    ]
+}
+DEFAULT_CPU = ["llava15", "llava15-b8", "llava-next", "video", "siglip384", "clip448"]
+DEFAULT_GPU = DEFAULT_CPU + ["stress-b256"]
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def make_inputs(w: Workload, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
+    """Random inputs shaped like the selection layer's tensors (full attention probabilities)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    attn = torch.empty(w.batch, w.heads, w.tokens, w.tokens, dtype=dtype, device=device)
+    for b in range(w.batch):  # one image at a time: the float32 logits of the whole batch can be large
+        logits = torch.randn(w.heads, w.tokens, w.tokens, generator=g) * 3
+        attn[b] = logits.softmax(-1).to(dtype)
+    hidden = torch.randn(w.batch, w.tokens, w.channels, generator=g).to(device, dtype)
+    keys = torch.randn(w.batch, w.tokens, w.key_dim, generator=g).to(device, dtype)
+    return dict(hidden=hidden, attn=attn, keys=keys)
+
+
+def bytes_moved(w: Workload, es: int) -> int:
+    """Bytes a compress call must move: hidden read once, CLS rows (or the whole matrix for received
+    attention) read once, keys read once, output written once."""
+    attn = w.batch * w.heads * w.tokens * (1 if w.has_cls else w.tokens)
+    return es * (w.batch * w.tokens * w.channels + attn + w.batch * w.tokens * w.key_dim + w.batch * w.k * w.channels)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, min_time: float, max_reps: int = 200) -> float:
+    """Median wall time of ``fn`` in ms (CUDA: events around each call), after warm-up."""
+    for _ in range(3):
+        fn()
+    sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start_all < min_time and len(times) < max_reps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device) -> float:
+    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written (GB/s)."""
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = median_ms(lambda: y.copy_(x), device, min_time=1.0)
+    return 2 * x.numel() / (ms * 1e-3) / 1e9
+
+
+def methods_for(device: torch.device, skip: set[str]) -> dict[str, Callable[..., torch.Tensor]]:
+    compiled = torch.compile(vz.compress_reference, dynamic=False)
+    m: dict[str, Callable[..., torch.Tensor]] = {
+        "eager": lambda hidden, attn, keys, w: vz.visionzip_eager(hidden, attn, w.k, keys=keys, has_cls=w.has_cls),
+        "compile(reference)": lambda hidden, attn, keys, w: compiled(hidden, attn, w.k, keys=keys, has_cls=w.has_cls),
+        "reference": lambda hidden, attn, keys, w: vz.compress_reference(hidden, attn, w.k, keys=keys,
+                                                                         has_cls=w.has_cls),
+    }
+    for backend in vz.available_backends(device):
+        if backend == "reference" or (device.type == "cpu" and backend == "triton"):
+            continue
+        m[backend] = lambda hidden, attn, keys, w, _b=backend: vz.compress(
+            hidden, attn, w.k, keys=keys, has_cls=w.has_cls, backend=_b
+        )
+    return {k: v for k, v in m.items() if k not in skip}
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    names = args.workloads or (DEFAULT_GPU if device.type == "cuda" else DEFAULT_CPU)
+    methods = methods_for(device, set(args.skip))
+    bw = copy_bandwidth_gbs(device) if device.type == "cuda" else None
+    rows = []
+    for name in names:
+        w = WORKLOADS[name]
+        x = make_inputs(w, dtype, device)
+        largest = x["hidden"] if w.has_cls else x["attn"]
+        clone_ms = median_ms(lambda: largest.clone(), device, args.min_time)
+        moved = bytes_moved(w, x["hidden"].element_size())
+        times = {}
+        for mname, fn in methods.items():
+            times[mname] = median_ms(lambda: fn(x["hidden"], x["attn"], x["keys"], w), device, args.min_time)
+        for mname, ms in times.items():
+            row = dict(workload=name, method=mname, ms=ms, speedup_vs_eager=times["eager"] / ms if "eager" in times
+                       else None, vs_clone=ms / clone_ms, clone_ms=clone_ms, bytes_moved=moved)
+            if bw is not None:
+                row["fraction_of_copy_bw"] = moved / (ms * 1e-3) / 1e9 / bw
+            rows.append(row)
+        del x
+    return dict(
+        machine=machine_name(device),
+        device=str(device),
+        torch=torch.__version__,
+        dtype=args.dtype,
+        copy_bandwidth_gbs=bw,
+        workloads={n: asdict(WORKLOADS[n]) for n in names},
+        rows=rows,
+        note="medians of repeated calls; all methods of a workload measured side by side in one run",
+    )
+
+
+def format_table(result: dict) -> str:
+    gpu = result["copy_bandwidth_gbs"] is not None
+    head = f"{'workload':<12} {'method':<19} {'ms':>9} {'x eager':>8} {'x clone':>8} {'MB moved':>9}"
+    head += f" {'% copy BW':>9}" if gpu else ""
+    lines = [f"visionzip compress, {result['dtype']}, {result['machine']}, torch {result['torch']}", head,
+             "-" * len(head)]
+    for r in result["rows"]:
+        line = (f"{r['workload']:<12} {r['method']:<19} {r['ms']:>9.3f} "
+                f"{(r['speedup_vs_eager'] or float('nan')):>8.1f} {r['vs_clone']:>8.2f} {r['bytes_moved'] / 1e6:>9.1f}")
+        if gpu:
+            line += f" {100 * r['fraction_of_copy_bw']:>8.1f}%"
+        lines.append(line)
+    if gpu:
+        lines.append(f"measured device-to-device copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
+    methods = [m for m in dict.fromkeys(r["method"] for r in result["rows"]) if m != "eager"]
+    fig, ax = plt.subplots(figsize=(1.6 * len(workloads) + 2, 4))
+    width = 0.8 / max(1, len(methods))
+    for i, m in enumerate(methods):
+        vals = [next((r["speedup_vs_eager"] for r in result["rows"] if r["workload"] == w and r["method"] == m), 0)
+                for w in workloads]
+        ax.bar([j + i * width for j in range(len(workloads))], vals, width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(workloads))], workloads)
+    ax.set_ylabel("speedup over eager (x)")
+    ax.set_yscale("log")
+    ax.set_title(f"visionzip compress, {result['dtype']}\n{result['machine']}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="default: float32 on CPU, float16 on CUDA")
+    p.add_argument("--workloads", nargs="*", choices=sorted(WORKLOADS))
+    p.add_argument("--skip", nargs="*", default=[], help="methods to leave out, e.g. reference")
+    p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per method and workload")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/compress-<device>-<dtype>.json)")
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    result = run(args)
+    print(format_table(result))
+    if not args.no_save:
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        tag = "gpu-" + result["machine"].replace(" ", "_") if args.device.startswith("cuda") else "cpu"
+        out = Path(args.out) if args.out else RESULTS / f"compress-{tag}-{args.dtype}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

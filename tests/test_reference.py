@@ -106,3 +106,21 @@ def test_oracle_check_rejects_wrong_results():
     tmap[0, j] = d + int(sims.argmin())
     with pytest.raises(AssertionError):
         check_against_reference(case, good._replace(token_map=tmap))
+
+
+def test_argmax_lowest_rules():
+    from visionzip_kernels.reference import argmax_lowest
+
+    nan, inf = float("nan"), float("inf")
+    v = torch.tensor([[1.0, 3.0, 3.0], [nan, nan, nan], [nan, -inf, -inf], [nan, 2.0, nan], [-0.0, 0.0, -1.0]])
+    assert argmax_lowest(v).tolist() == [1, 0, 1, 1, 0]
+
+
+def test_reference_compiles_fullgraph():
+    # compile(reference) is a benchmark baseline: it must trace as one graph (static shapes, no nonzero()).
+    case = make_case(2, 77, 24, k=16)
+    compiled = torch.compile(compress_reference, fullgraph=True, dynamic=False)
+    got = compiled(case.hidden, case.attn, case.k, keys=case.keys)
+    ref = compress_reference(case.hidden, case.attn, case.k, keys=case.keys)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)

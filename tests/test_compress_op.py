@@ -236,6 +236,9 @@ def test_opcheck(op, form):
         dict(keys=case.keys, contextual=3, has_cls=True),
     )
     torch.library.opcheck(getattr(torch.ops.visionzip, op).default, (case.hidden, case.attn, 9), dict(has_cls=False))
+    # with a differentiable input, opcheck also checks the autograd registration
+    torch.library.opcheck(getattr(torch.ops.visionzip, op).default,
+                          (case.hidden.clone().requires_grad_(), case.attn, case.k), dict(keys=case.keys))
 
 
 def test_torch_compile_fullgraph():
@@ -250,3 +253,26 @@ def test_torch_compile_fullgraph():
     ref = vz.compress(case.hidden * 2, case.attn, 16, keys=case.keys, return_indices=True)
     torch.testing.assert_close(out, ref.output + 1)
     assert torch.equal(tmap, ref.token_map)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("has_cls,contextual", [(True, None), (False, None), (True, 0), (False, 8)])
+def test_hidden_gradient_matches_reference_autograd(backend, has_cls, contextual):
+    # Only hidden is differentiable (the choices are discrete): kept rows pass their gradient back,
+    # members get 1/count of their contextual row's. The reference gets it from autograd of its gathers.
+    case = make_case(2, 61, 12, k=20, contextual=contextual, has_cls=has_cls, dtype=torch.float64)
+    grad = torch.randn(2, 20, 12, dtype=torch.float64)
+    grads = []
+    for indices in (False, True, "reference"):
+        h = case.hidden.clone().requires_grad_()
+        if indices == "reference":
+            out = vz.compress_reference(h, case.attn, case.k, keys=case.keys, contextual=contextual, has_cls=has_cls)[0]
+        else:
+            out = vz.compress(h, case.attn, case.k, keys=case.keys, contextual=contextual, has_cls=has_cls,
+                              backend=backend, return_indices=indices)
+            out = out[0] if indices else out
+        (out * grad).sum().backward()
+        grads.append(h.grad)
+    torch.testing.assert_close(grads[0], grads[2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[1], grads[2], rtol=1e-12, atol=1e-12)
+    assert grads[0].abs().sum() > 0

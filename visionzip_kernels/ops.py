@@ -138,7 +138,7 @@ if TRITON is not None:
 
     if not HAS_CUDA_KERNELS:
         # The extension was built without CUDA kernels: visionzip::compress on CUDA tensors runs the
-        # Triton kernels. float64 (which they do not support) falls back to the PyTorch oracle, which
+        # Triton kernels. float64 hidden states (which they do not support) falls back to the PyTorch oracle, which
         # is also static-shaped and synchronisation-free.
         from .reference import compress_reference_from_plan as _reference_from_plan
 
@@ -150,7 +150,7 @@ if TRITON is not None:
             contextual: Optional[int],
             has_cls: bool,
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-            if torch.float64 in (hidden.dtype, attn.dtype, None if keys is None else keys.dtype):
+            if hidden.dtype == torch.float64:
                 plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
                 return tuple(_reference_from_plan(plan, hidden, attn, keys))
             return TRITON.compress_triton(hidden, attn, k, keys, contextual, has_cls)

@@ -35,8 +35,8 @@ reads + D*C writes for the dominant block, Cx*Cm (norms) + ceil(Cx/BLOCK_T)*R*Cm
 (R - Cx + Cx)*C hidden reads + Cx*C writes for the means, and ~ (32 + 4) * N + 4 * R int32 workspace
 accesses (the bisection re-reads the N keys 32 times, from L1/L2). Limits: N < 2**31; no limit on C or
 Cm (they are tiled); the register footprint is fixed by the BLOCK_* constants, not by N, C or Cx.
-float64 inputs are not supported (ValueError); attn/keys of another float dtype than hidden are
-converted to float32 on load.
+float64 hidden states are not supported (ValueError); attn and keys of any float dtype (float64
+included) are converted to float32 on load, as the C++ kernel does.
 """
 
 from __future__ import annotations
@@ -334,14 +334,13 @@ def check_triton_inputs(
     contextual: Optional[int] = None,
     has_cls: bool = True,
 ) -> CompressPlan:
-    """:func:`check_compress_inputs` plus what the Triton backend cannot do (float64). ValueError."""
+    """:func:`check_compress_inputs` plus what the Triton backend cannot do (float64 hidden). ValueError."""
     plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
-    for name, t in (("hidden", hidden), ("attn", attn), ("keys", keys)):
-        if t is not None and t.dtype == torch.float64:
-            raise ValueError(
-                f"the triton backend supports float16, bfloat16 and float32 tensors; {name} is float64 "
-                "(use backend='cpu', 'cuda' or 'reference' for float64)"
-            )
+    if hidden.dtype == torch.float64:
+        raise ValueError(
+            "the triton backend supports float16, bfloat16 and float32 hidden states; hidden is float64 "
+            "(use backend='cpu', 'cuda' or 'reference' for float64)"
+        )
     return plan
 
 
@@ -369,7 +368,7 @@ def compress_triton(
 
     Args:
         hidden: (B, N, C) float16/bfloat16/float32, CUDA (or CPU under TRITON_INTERPRET=1).
-        attn: (B, H, N, N), (B, H, N) or (B, N); any float dtype but float64, any strides.
+        attn: (B, H, N, N), (B, H, N) or (B, N); any float dtype (read as float32), any strides.
         k: output tokens per image, D dominant + Cx contextual.
         keys: (B, N, Ck) similarity metric, or None for ``hidden``.
         contextual: Cx (``k * 5 // 32`` when None).

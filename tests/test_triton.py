@@ -184,6 +184,33 @@ def test_mixed_dtypes_and_strides():
         check_against_reference(case, run_triton(case))
 
 
+@pytest.mark.parametrize("form", ["full", "rows"])
+def test_heads_summed_in_order(form):
+    """Scores are float32 sums over heads in order h = 0..H-1, as in the C++ kernel (bit-identical scores).
+
+    Token 5 gets 1.0 from head 0 and 2**-24 from each of the 15 other heads: summed in order it stays 1.0
+    (each addition rounds back to even), summed in any other order it exceeds token 9's 1 + 2**-23.
+    """
+    case = make_case(2, 40, 8, heads=16, k=4, contextual=2, form=form, device=DEVICE)
+    rows = torch.zeros(2, 16, 40, device=DEVICE)
+    rows[:, 0, :] = 0.01
+    rows[:, 0, 5] = 1.0
+    rows[:, 1:, 5] = 2.0**-24
+    rows[:, 0, 9] = 1.0 + 2.0**-23
+    if form == "full":
+        case.attn.zero_()
+        case.attn[:, :, 0, :] = rows
+    else:
+        case.attn = rows
+    res = run_triton(case)
+    assert res.dominant_indices.tolist() == [[0, 9]] * 2
+    cpu = torch.ops.visionzip.compress_with_indices(case.hidden.cpu(), case.attn.cpu(), 4, keys=case.keys.cpu(),
+                                                    contextual=2)
+    assert torch.equal(res.dominant_indices.cpu(), cpu[1]) and torch.equal(res.contextual_indices.cpu(), cpu[2])
+    assert torch.equal(res.output[:, :2].cpu(), cpu[0][:, :2])  # the dominant rows are exact copies
+    check_against_reference(case, res)  # the float64 oracle prefers token 5: a near tie it accepts
+
+
 def test_received_attention_prepass():
     """The no-CLS (B, H, N, N) pre-pass: float32 column sums over heads and queries."""
     case = make_case(2, 70, 4, heads=3, form="full", has_cls=False, device=DEVICE)

@@ -28,13 +28,20 @@ could not use the GPU's bandwidth, so a second kernel (``_received_attention_ker
 the (B, 1, N) form. Its sum has a fixed order (per lane sequential over heads and query blocks, then a
 tree over the query lanes): deterministic, but not the C++ kernel's sequential order.
 
-Memory traffic per image (elements of each tensor's dtype; ws = int32 workspace): attention H*N (CLS
-row or per-head rows; N for (B, N); H*N*N for received attention, in the first kernel), D*C hidden
-reads + D*C writes for the dominant block, Cx*Cm (norms) + ceil(Cx/BLOCK_T)*R*Cm + R*Cx*Cm / BLOCK_P
-(metric for the assignment; the target tile is re-read per block of BLOCK_P members, from L2),
-(R - Cx + Cx)*C hidden reads + Cx*C writes for the means, and ~ (32 + 4) * N + 4 * R int32 workspace
-accesses (the bisection re-reads the N keys 32 times, from L1/L2). Limits: N < 2**31; no limit on C or
-Cm (they are tiled); the register footprint is fixed by the BLOCK_* constants, not by N, C or Cx.
+Memory traffic per image (s = element size of each tensor): every hidden row is read once (the D
+dominant rows by the gather, the R = N - D others by the means: N*C*s), the attention's needed part
+once (H*N*s for the CLS row or per-head rows, N*s for scores; H*N*N*s plus a 4*N float32 round trip
+for received attention), the metric rows of the remaining tokens once (R*Ck*s, the Cx target rows
+again for each block of BLOCK_P members, from L1/L2), and it writes k*C*s output plus (D + Cx + N)*8
+bytes of indices. The int32 workspace (6*N*4 bytes, L2-resident) is written once and re-read by the
+phases, the keys up to 33 times by the bisection (once when N <= BLOCK_N, from registers).
+For CLIP-L (N = 577, C = 1024, H = 16, Ck = 64, k = 192, fp16): about 1.18 MB hidden + 18 KB attention
++ 53 KB keys read, 393 KB + 6 KB written.
+Limits: N < 2**31 (int32 token indices in the workspace; offsets are int64); C, Ck and Cx are tiled, so the register
+footprint is fixed by the BLOCK_* constants (ptxas for sm_90: 128 registers with BLOCK_N = 1024,
+about 200 without spills with BLOCK_N = 4096, 16-32 KB shared memory), not by N, C or Cx. One program
+per image keeps a small batch on few SMs: the R*Cx*Ck similarity FMAs of an image run on one SM (fine
+with Ck = 64 keys, slow-ish with the hidden states as metric, Ck = C = 1024, and B = 1).
 float64 hidden states are not supported (ValueError); attn and keys of any float dtype (float64
 included) are converted to float32 on load, as the C++ kernel does.
 """
@@ -127,9 +134,9 @@ def _compress_kernel(
         j = j0 + offs_n
         jm = j < N
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        arow = att_ptr + b * s_ab + j * s_an
+        arow = att_ptr + b * s_ab + j.to(tl.int64) * s_an
         for h in range(H):
-            acc += tl.load(arow + h * s_ah, mask=jm, other=0.0).to(tl.float32)
+            acc += tl.load(arow + (tl.zeros([], dtype=tl.int64) + h) * s_ah, mask=jm, other=0.0).to(tl.float32)
         key = _order_key(acc)
         if HAS_CLS:
             key = tl.where(j == 0, 2147483647, key)  # CLS always kept (and it wins ties by index)
@@ -230,7 +237,7 @@ def _compress_kernel(
     for p0 in range(0, R, BLOCK_P):
         p = p0 + offs_p
         pm = p < R
-        tok = tl.load(rest_ws + p, mask=pm, other=0)
+        tok = tl.load(rest_ws + p, mask=pm, other=0).to(tl.int64)
         best_key = tl.full([BLOCK_P], -2147483648, dtype=tl.int32)
         best_t = tl.zeros([BLOCK_P], dtype=tl.int32)
         for t0 in range(0, CX, BLOCK_T):
@@ -308,7 +315,7 @@ def _compress_kernel(
             for q0 in range(0, n_mem, BLOCK_P):
                 q = q0 + offs_p
                 qm = q < n_mem
-                rows = tl.load(mem_ws + first + q, mask=qm, other=0)
+                rows = tl.load(mem_ws + first + q, mask=qm, other=0).to(tl.int64)
                 part += tl.load(hid_b + rows[:, None] * s_hn + c[None, :] * s_hc,
                                 mask=qm[:, None] & cm[None, :], other=0.0).to(tl.float32)
             total = tl.sum(part, axis=0)

@@ -6,6 +6,7 @@ TRITON_INTERPRET=1), with small shapes; tests marked ``gpu`` run the real worklo
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -305,7 +306,8 @@ def test_torch_compile_fullgraph():
 
     def fn(hidden, attn, keys):
         out, dom, tgt, tmap = torch.ops.visionzip.compress_triton_with_indices(hidden, attn, 16, keys)
-        return out, dom, tmap, torch.ops.visionzip.compress_triton(hidden, attn, 16, keys, has_cls=True)
+        res = vz.compress(hidden, attn, 16, keys=keys, backend="triton", return_indices=True)
+        return out, dom, tmap, torch.ops.visionzip.compress_triton(hidden, attn, 16, keys, has_cls=True), *res
 
     compiled = torch.compile(fn, fullgraph=True)
     case = make_case(2, 37, 20, k=16, device=DEVICE)
@@ -337,12 +339,13 @@ def test_package_imports_without_triton():
         from visionzip_kernels import ops
         assert ops.TRITON is None, ops.TRITON
         assert "triton" not in vz.available_backends("cpu")
-        assert not hasattr(__import__("torch").ops.visionzip, "compress_triton")
+        import torch
+        assert not hasattr(torch.ops.visionzip, "compress_triton")
         print("ok")
         """
     )
     root = Path(__file__).resolve().parents[1]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

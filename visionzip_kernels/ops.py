@@ -138,8 +138,8 @@ if TRITON is not None:
 
     if not HAS_CUDA_KERNELS:
         # The extension was built without CUDA kernels: visionzip::compress on CUDA tensors runs the
-        # Triton kernels. float64 hidden states (which they do not support) falls back to the PyTorch oracle, which
-        # is also static-shaped and synchronisation-free.
+        # Triton kernels. float64 hidden states (which they do not support) fall back to the PyTorch
+        # oracle, which is also static-shaped and synchronisation-free.
         from .reference import compress_reference_from_plan as _reference_from_plan
 
         def _compress_pass_cuda(

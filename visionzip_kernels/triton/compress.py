@@ -401,8 +401,8 @@ def compress_triton(
     # Attention as rows (B, H, N): the CLS row of each head, per-head rows, or scores.
     if attn.dim() == 4 and not has_cls:
         scores = torch.empty((b, n), dtype=torch.float32, device=dev)
-        block_j = min(_next_pow2(n), 64 if interp else 32)
-        block_q = min(_next_pow2(n), 64)
+        block_j = max(16, min(_next_pow2(n), 64 if interp else 32))
+        block_q = max(16, min(_next_pow2(n), 64))
         _received_attention_kernel[(b, triton.cdiv(n, block_j))](
             attn, *attn.stride(), scores, n, attn.shape[1],
             BLOCK_Q=block_q, BLOCK_J=block_j, num_warps=4,
@@ -423,7 +423,7 @@ def compress_triton(
     dom_arg = dom if d > 0 else torch.empty(1, dtype=torch.long, device=dev)
     tgt_arg = tgt if cx > 0 else torch.empty(1, dtype=torch.long, device=dev)
 
-    block_n = min(_next_pow2(n), MAX_BLOCK_N)
+    block_n = max(16, min(_next_pow2(n), MAX_BLOCK_N))  # blocks of at least 16 lanes (tl.dot, layouts)
     _compress_kernel[(b,)](
         hidden, *hidden.stride(),
         rows, rows.stride(0), rows.stride(1), rows.stride(2),
@@ -435,7 +435,7 @@ def compress_triton(
         ONE_CHUNK=n <= block_n,
         BLOCK_N=block_n,
         BLOCK_R=16,
-        BLOCK_C=min(_next_pow2(c), 256),
+        BLOCK_C=max(16, min(_next_pow2(c), 256)),
         BLOCK_P=32,
         BLOCK_T=16 if cx <= 16 else 32,
         BLOCK_K=max(16, min(_next_pow2(cm), 64)),

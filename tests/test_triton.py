@@ -104,8 +104,8 @@ def test_chunked_selection(monkeypatch, form, has_cls):
 
 
 def test_many_targets_and_wide_rows():
-    """Cx above one target tile (32) and C above one channel tile (256)."""
-    case = make_case(1, 90, 300, k=60, contextual=40, key_dim=None, device=DEVICE)
+    """Cx above one target tile (32) and C above one channel tile (1024)."""
+    case = make_case(1, 90, 1100, k=60, contextual=40, key_dim=None, device=DEVICE)
     check_against_reference(case, run_triton(case))
     case = make_case(1, 80, 17, k=60, contextual=41, lattice=True, device=DEVICE)
     check_against_reference(case, run_triton(case), exact=True)

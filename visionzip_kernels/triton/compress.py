@@ -104,9 +104,9 @@ def _compress_kernel(
     HAS_CLS: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # N <= BLOCK_N: the keys stay in registers during the bisection
     BLOCK_N: tl.constexpr,  # tokens per chunk (scores, selection)
-    BLOCK_R: tl.constexpr,  # rows per tile of the dominant gather
-    BLOCK_C: tl.constexpr,  # channels per tile (gather, means)
-    BLOCK_P: tl.constexpr,  # remaining tokens per tile (assignment, counting sort, means)
+    BLOCK_R: tl.constexpr,  # hidden rows per tile (dominant gather, means)
+    BLOCK_C: tl.constexpr,  # channels per tile (dominant gather, means)
+    BLOCK_P: tl.constexpr,  # remaining tokens per tile (assignment, counting sort)
     BLOCK_T: tl.constexpr,  # targets per tile
     BLOCK_K: tl.constexpr,  # metric channels per dot
 ):
@@ -311,9 +311,9 @@ def _compress_kernel(
         for c0 in range(0, C, BLOCK_C):
             c = c0 + offs_c
             cm = c < C
-            part = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-            for q0 in range(0, n_mem, BLOCK_P):
-                q = q0 + offs_p
+            part = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            for q0 in range(0, n_mem, BLOCK_R):
+                q = q0 + offs_r
                 qm = q < n_mem
                 rows = tl.load(mem_ws + first + q, mask=qm, other=0).to(tl.int64)
                 part += tl.load(hid_b + rows[:, None] * s_hn + c[None, :] * s_hc,
@@ -434,8 +434,8 @@ def compress_triton(
         HAS_CLS=bool(has_cls),
         ONE_CHUNK=n <= block_n,
         BLOCK_N=block_n,
-        BLOCK_R=16,
-        BLOCK_C=max(16, min(_next_pow2(c), 256)),
+        BLOCK_R=8,
+        BLOCK_C=max(16, min(_next_pow2(c), 1024)),  # a CLIP-L row in one tile
         BLOCK_P=32,
         BLOCK_T=16 if cx <= 16 else 32,
         BLOCK_K=max(16, min(_next_pow2(cm), 64)),

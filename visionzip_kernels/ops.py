@@ -76,3 +76,89 @@ def _triton_module():
 
 
 TRITON = _triton_module()
+
+
+# =============================================================================================
+# Triton backend (issue 4): custom ops wrapping the Triton launch, and the CUDA kernel of
+# visionzip::compress when the extension has none. Nothing here runs without triton installed.
+# =============================================================================================
+
+if TRITON is not None:
+
+    def _triton_fake_outputs(
+        hidden: torch.Tensor,
+        attn: torch.Tensor,
+        k: int,
+        keys: Optional[torch.Tensor],
+        contextual: Optional[int],
+        has_cls: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        plan = TRITON.check_triton_inputs(hidden, attn, k, keys, contextual, has_cls)
+        idx = dict(dtype=torch.long)
+        return (
+            hidden.new_empty((plan.batch, plan.k, plan.channels)),
+            hidden.new_empty((plan.batch, plan.dominant), **idx),
+            hidden.new_empty((plan.batch, plan.contextual), **idx),
+            hidden.new_empty((plan.batch, plan.tokens), **idx),
+        )
+
+    @torch.library.custom_op("visionzip::compress_triton", mutates_args=(), device_types=("cuda", "cpu"))
+    def _compress_triton(
+        hidden: torch.Tensor,
+        attn: torch.Tensor,
+        k: int,
+        keys: Optional[torch.Tensor] = None,  # not keyword-only: custom_op forbids kwarg-only tensors
+        contextual: Optional[int] = None,
+        has_cls: bool = True,
+    ) -> torch.Tensor:
+        """Triton kernel of compress: (B, k, C). CPU tensors only under TRITON_INTERPRET=1."""
+        return TRITON.compress_triton(hidden, attn, k, keys, contextual, has_cls)[0]
+
+    @_compress_triton.register_fake
+    def _compress_triton_fake(hidden, attn, k, keys=None, contextual=None, has_cls=True):
+        return _triton_fake_outputs(hidden, attn, k, keys, contextual, has_cls)[0]
+
+    @torch.library.custom_op(
+        "visionzip::compress_triton_with_indices", mutates_args=(), device_types=("cuda", "cpu")
+    )
+    def _compress_triton_with_indices(
+        hidden: torch.Tensor,
+        attn: torch.Tensor,
+        k: int,
+        keys: Optional[torch.Tensor] = None,  # not keyword-only: custom_op forbids kwarg-only tensors
+        contextual: Optional[int] = None,
+        has_cls: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Triton kernel of compress_with_indices: (output, dominant_indices, contextual_indices, token_map)."""
+        return TRITON.compress_triton(hidden, attn, k, keys, contextual, has_cls)
+
+    @_compress_triton_with_indices.register_fake
+    def _compress_triton_with_indices_fake(hidden, attn, k, keys=None, contextual=None, has_cls=True):
+        return _triton_fake_outputs(hidden, attn, k, keys, contextual, has_cls)
+
+    if not HAS_CUDA_KERNELS:
+        # The extension was built without CUDA kernels: visionzip::compress on CUDA tensors runs the
+        # Triton kernels. float64 hidden states (which they do not support) fall back to the PyTorch
+        # oracle, which is also static-shaped and synchronisation-free.
+        from .reference import compress_reference_from_plan as _reference_from_plan
+
+        def _compress_pass_cuda(
+            hidden: torch.Tensor,
+            attn: torch.Tensor,
+            k: int,
+            keys: Optional[torch.Tensor],
+            contextual: Optional[int],
+            has_cls: bool,
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            if hidden.dtype == torch.float64:
+                plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
+                return tuple(_reference_from_plan(plan, hidden, attn, keys))
+            return TRITON.compress_triton(hidden, attn, k, keys, contextual, has_cls)
+
+        @torch.library.impl("visionzip::compress", "CUDA")
+        def _compress_cuda_triton(hidden, attn, k, *, keys=None, contextual=None, has_cls=True):
+            return _compress_pass_cuda(hidden, attn, k, keys, contextual, has_cls)[0]
+
+        @torch.library.impl("visionzip::compress_with_indices", "CUDA")
+        def _compress_with_indices_cuda_triton(hidden, attn, k, *, keys=None, contextual=None, has_cls=True):
+            return _compress_pass_cuda(hidden, attn, k, keys, contextual, has_cls)

@@ -1,0 +1,453 @@
+"""Tests of the Triton backend (visionzip::compress_triton and compress_triton_with_indices).
+
+Without a CUDA device they run on CPU tensors in Triton's interpreter (conftest sets
+TRITON_INTERPRET=1), with small shapes; tests marked ``gpu`` run the real workloads on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+import visionzip_kernels as vz
+from visionzip_kernels import CompressResult, ops
+from visionzip_kernels.reference import token_scores
+
+from .helpers import check_against_reference, make_case
+
+pytestmark = pytest.mark.skipif(ops.TRITON is None, reason="triton is not installed")
+
+if ops.TRITON is not None:
+    from visionzip_kernels.triton import compress as tc
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FORMS = ("full", "rows", "scores")
+
+
+def run_triton(case, device_op: bool = True) -> CompressResult:
+    """The with-indices op (or the launcher itself) on a case."""
+    if device_op:
+        return CompressResult(
+            *torch.ops.visionzip.compress_triton_with_indices(case.hidden, case.attn, case.k, **case.kwargs())
+        )
+    return CompressResult(*tc.compress_triton(case.hidden, case.attn, case.k, **case.kwargs()))
+
+
+@contextmanager
+def poisoned_empty():
+    """torch.empty fills floats with NaN and integers with their max value, restored afterwards."""
+    det = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the oracle (interpreter-sized shapes; non-powers of two everywhere)
+# ---------------------------------------------------------------------------------------------
+
+# (B, N, C, k) per has_cls; N and C deliberately not powers of two.
+SHAPES = {True: [(2, 37, 33, 16), (1, 65, 33, 24), (3, 129, 20, 40)], False: [(2, 50, 33, 20), (1, 37, 17, 12)]}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+@pytest.mark.parametrize("with_keys", [True, False], ids=["keys", "hidden"])
+def test_matches_reference(dtype, form, has_cls, with_keys):
+    shapes = SHAPES[has_cls]
+    # rotate through the shapes so that every shape meets every form and dtype somewhere
+    b, n, c, k = shapes[(FORMS.index(form) + DTYPES.index(dtype) + with_keys) % len(shapes)]
+    case = make_case(b, n, c, k=k, form=form, has_cls=has_cls, dtype=dtype, key_dim=16 if with_keys else None,
+                     device=DEVICE)
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_lattice_pins_tie_rules(dtype, form, has_cls):
+    """Exact scores and similarities with many ties: the choices must equal the oracle's."""
+    n = 65 if has_cls else 50
+    case = make_case(2, n, 33, k=24, form=form, has_cls=has_cls, dtype=dtype, lattice=True, key_dim=16,
+                     device=DEVICE)
+    check_against_reference(case, run_triton(case), exact=True)
+
+
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_lattice_hidden_as_metric(has_cls):
+    case = make_case(2, 45, 16, k=20, form="rows", has_cls=has_cls, lattice=True, key_dim=None, device=DEVICE)
+    check_against_reference(case, run_triton(case), exact=True)
+
+
+@pytest.mark.parametrize("form,has_cls", [("full", True), ("scores", False), ("full", False)])
+def test_chunked_selection(monkeypatch, form, has_cls):
+    """N larger than the token chunk: the bisection and prefix counts carry across chunks."""
+    monkeypatch.setattr(tc, "MAX_BLOCK_N", 32)
+    case = make_case(2, 100, 24, k=30, form=form, has_cls=has_cls, lattice=True, device=DEVICE)
+    check_against_reference(case, run_triton(case), exact=True)
+
+
+def test_many_targets_and_wide_rows():
+    """Cx above one target tile (32) and C above one channel tile (1024)."""
+    case = make_case(1, 90, 1100, k=60, contextual=40, key_dim=None, device=DEVICE)
+    check_against_reference(case, run_triton(case))
+    case = make_case(1, 80, 17, k=60, contextual=41, lattice=True, device=DEVICE)
+    check_against_reference(case, run_triton(case), exact=True)
+
+
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_contextual_zero(has_cls):
+    case = make_case(2, 40, 9, k=10, contextual=0, has_cls=has_cls, device=DEVICE)
+    res = run_triton(case)
+    check_against_reference(case, res)
+    assert res.contextual_indices.shape == (2, 0)
+    assert int((res.token_map == -1).sum()) == 2 * (40 - 10)
+
+
+def test_dominant_zero_without_cls():
+    case = make_case(2, 40, 9, k=10, contextual=10, has_cls=False, form="full", device=DEVICE)
+    res = run_triton(case)
+    check_against_reference(case, res)
+    assert res.dominant_indices.shape == (2, 0)
+
+
+@pytest.mark.parametrize(
+    "n,k,cx,has_cls",
+    [(40, 40, 0, False), (40, 40, 3, True), (1, 1, 0, True), (1, 1, 1, False), (7, 7, 7, False), (9, 5, 4, True)],
+)
+def test_degenerate_budgets(n, k, cx, has_cls):
+    case = make_case(2, n, 5, k=k, contextual=cx, has_cls=has_cls, form="rows", device=DEVICE)
+    check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_nan_zero_and_inf_scores(has_cls):
+    """2-D scores with NaN (below every number), -0.0 == +0.0, and +-inf."""
+    case = make_case(3, 50, 16, k=20, form="scores", has_cls=has_cls, lattice=True, device=DEVICE)
+    a = case.attn
+    a[0, ::3] = float("nan")
+    a[0, 5], a[0, 6], a[0, 7] = 0.0, -0.0, 0.0
+    a[1, :] = float("nan")  # all NaN: the lowest indices win
+    a[1, 30] = -0.0
+    a[2, 3], a[2, 4], a[2, 9] = float("inf"), float("-inf"), float("inf")
+    a[2, 10:30] = -0.0
+    a[2, 30:] = 0.0
+    check_against_reference(case, run_triton(case), exact=True)
+
+
+def test_nan_similarities_rank_lowest():
+    """A NaN metric row is assigned to target 0; a NaN target never attracts a finite row."""
+    case = make_case(1, 60, 16, k=20, form="rows", lattice=True, device=DEVICE)
+    res0 = run_triton(case)
+    tgt = res0.contextual_indices[0]
+    case.keys[0, int(tgt[1])] = float("nan")  # target 1's key
+    d0 = res0.dominant_indices.shape[1]
+    rest = (res0.token_map[0] >= d0).nonzero().flatten()  # contextual members and targets
+    member = [int(t) for t in rest if int(t) not in set(tgt.tolist())][0]
+    case.keys[0, member] = float("nan")
+    res = run_triton(case)
+    check_against_reference(case, res, exact=True)
+    d = res.dominant_indices.shape[1]
+    assert int(res.token_map[0, member]) == d  # NaN row -> target 0
+
+
+def test_mixed_dtypes_and_strides():
+    """attn/keys in another dtype than hidden (float64 included) and non-contiguous inputs."""
+    case = make_case(2, 37, 20, k=16, dtype=torch.bfloat16, device=DEVICE)
+    case.attn = case.attn.float()
+    case.keys = case.keys.half()
+    check_against_reference(case, run_triton(case))
+    case = make_case(2, 37, 20, k=16, device=DEVICE)
+    case.attn = case.attn.double()
+    case.keys = case.keys.double()
+    check_against_reference(case, run_triton(case))
+    for has_cls in (True, False):
+        case = make_case(2, 37, 20, k=16, has_cls=has_cls, device=DEVICE)
+        case.hidden = case.hidden.transpose(1, 2).contiguous().transpose(1, 2)
+        case.attn = case.attn.transpose(2, 3).contiguous().transpose(2, 3)
+        case.keys = case.keys[:, :, ::2]
+        check_against_reference(case, run_triton(case))
+
+
+@pytest.mark.parametrize("form", ["full", "rows"])
+def test_heads_summed_in_order(form):
+    """Scores are float32 sums over heads in order h = 0..H-1, as in the C++ kernel (bit-identical scores).
+
+    Token 5 gets 1.0 from head 0 and 2**-24 from each of the 15 other heads: summed in order it stays 1.0
+    (each addition rounds back to even), summed in any other order it exceeds token 9's 1 + 2**-23.
+    """
+    case = make_case(2, 40, 8, heads=16, k=4, contextual=2, form=form, device=DEVICE)
+    rows = torch.zeros(2, 16, 40, device=DEVICE)
+    rows[:, 0, :] = 0.01
+    rows[:, 0, 5] = 1.0
+    rows[:, 1:, 5] = 2.0**-24
+    rows[:, 0, 9] = 1.0 + 2.0**-23
+    if form == "full":
+        case.attn.zero_()
+        case.attn[:, :, 0, :] = rows
+    else:
+        case.attn = rows
+    res = run_triton(case)
+    assert res.dominant_indices.tolist() == [[0, 9]] * 2
+    cpu = torch.ops.visionzip.compress_with_indices(case.hidden.cpu(), case.attn.cpu(), 4, keys=case.keys.cpu(),
+                                                    contextual=2)
+    assert torch.equal(res.dominant_indices.cpu(), cpu[1]) and torch.equal(res.contextual_indices.cpu(), cpu[2])
+    assert torch.equal(res.output[:, :2].cpu(), cpu[0][:, :2])  # the dominant rows are exact copies
+    check_against_reference(case, res)  # the float64 oracle prefers token 5: a near tie it accepts
+
+
+def test_received_attention_prepass():
+    """The no-CLS (B, H, N, N) pre-pass: float32 column sums over heads and queries."""
+    case = make_case(2, 70, 4, heads=3, form="full", has_cls=False, device=DEVICE)
+    attn = case.attn.to(torch.float16)
+    n = attn.shape[-1]
+    scores = torch.empty(2, n, dtype=torch.float32, device=DEVICE)
+    tc._received_attention_kernel[(2, 3)](attn, *attn.stride(), scores, n, 3, BLOCK_Q=32, BLOCK_J=32)
+    expected = token_scores(attn.double(), has_cls=False, dtype=torch.float64)
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_zero():
+    case = make_case(1, 20, 8, k=10, device=DEVICE)
+    hidden, attn, keys = case.hidden[:0], case.attn[:0], case.keys[:0]
+    out, dom, tgt, tmap = torch.ops.visionzip.compress_triton_with_indices(hidden, attn, 10, keys)
+    assert out.shape == (0, 10, 8) and dom.shape == (0, 9) and tgt.shape == (0, 1) and tmap.shape == (0, 20)
+    assert torch.ops.visionzip.compress_triton(hidden, attn, 10, keys).shape == (0, 10, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Contract: poisoned outputs, determinism, errors, op registration, compile
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(b=2, n=37, c=33, k=16, form="full"),
+        dict(b=2, n=50, c=33, k=20, form="full", has_cls=False),
+        dict(b=1, n=40, c=9, k=10, contextual=0),
+        dict(b=2, n=40, c=9, k=10, contextual=10, has_cls=False, form="scores", dtype=torch.bfloat16),
+    ],
+)
+def test_poisoned_outputs(kw):
+    """Every output element is written: torch.empty outputs and workspaces start as NaN / int max."""
+    case = make_case(**kw, device=DEVICE)
+    with poisoned_empty():
+        assert torch.empty(3, device=DEVICE).isnan().all()  # the poisoning is active
+        res = run_triton(case)
+        out = torch.ops.visionzip.compress_triton(case.hidden, case.attn, case.k, **case.kwargs())
+    assert not res.output.isnan().any() and not out.isnan().any()
+    assert torch.equal(out, res.output)
+    check_against_reference(case, res)
+
+
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_deterministic(has_cls):
+    case = make_case(2, 65, 33, k=24, form="full", has_cls=has_cls, key_dim=None, device=DEVICE)
+    a, b = run_triton(case), run_triton(case)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_bad_inputs_raise_value_error():
+    case = make_case(2, 20, 8, k=10, device=DEVICE)
+    h, a, keys = case.hidden, case.attn, case.keys
+    op = torch.ops.visionzip.compress_triton
+    bad = [
+        ((h.double(), a.double(), 10), {}, "float64"),
+        ((h, a[:, :, :, :-1], 10), {}, "attn"),
+        ((h, a, 21), {}, "k must"),
+        ((h, a, 10), dict(keys=keys[:, :-1]), "keys"),
+        ((h, a, 10), dict(contextual=11), "contextual"),
+        ((h, a, 4), dict(contextual=4, has_cls=True), "has_cls"),
+        ((h.to(torch.int32), a, 10), {}, "hidden must be a floating"),
+    ]
+    for args, kwargs, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            op(*args, **kwargs)
+        with pytest.raises(ValueError, match=msg):
+            tc.compress_triton(*args, **kwargs)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    monkeypatch.setattr(tc, "interpreting", lambda: False)
+    case = make_case(1, 20, 8, k=10)  # CPU tensors
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        tc.compress_triton(case.hidden, case.attn, case.k, keys=case.keys)
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(b=2, n=37, c=33, k=16), dict(b=1, n=30, c=8, k=12, has_cls=False, key_dim=None)]
+)
+def test_opcheck(kw):
+    case = make_case(**kw, device=DEVICE)
+    for op in (torch.ops.visionzip.compress_triton.default, torch.ops.visionzip.compress_triton_with_indices.default):
+        torch.library.opcheck(op, (case.hidden, case.attn, case.k), case.kwargs())
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+
+    def fn(hidden, attn, keys):
+        out, dom, tgt, tmap = torch.ops.visionzip.compress_triton_with_indices(hidden, attn, 16, keys)
+        res = vz.compress(hidden, attn, 16, keys=keys, backend="triton", return_indices=True)
+        return out, dom, tmap, torch.ops.visionzip.compress_triton(hidden, attn, 16, keys, has_cls=True), *res
+
+    compiled = torch.compile(fn, fullgraph=True)
+    case = make_case(2, 37, 20, k=16, device=DEVICE)
+    got = compiled(case.hidden, case.attn, case.keys)
+    want = fn(case.hidden, case.attn, case.keys)
+    for x, y in zip(got, want):
+        assert torch.equal(x, y)
+
+
+def test_api_backend_and_registration():
+    assert "triton" in vz.available_backends(DEVICE)
+    case = make_case(2, 37, 20, k=16, device=DEVICE)
+    res = vz.compress(case.hidden, case.attn, case.k, backend="triton", return_indices=True, **case.kwargs())
+    check_against_reference(case, res)
+    out = vz.compress(case.hidden, case.attn, case.k, backend="triton", **case.kwargs())
+    assert torch.equal(out, res.output)
+    # Without hand-written CUDA kernels the Triton kernels are visionzip::compress's CUDA kernel.
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("visionzip::compress", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("visionzip::compress_with_indices", "CUDA")
+
+
+def test_package_imports_without_triton():
+    """With triton unavailable the package still imports, ops.TRITON is None and no triton backend is offered."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["triton"] = None  # import triton -> ImportError
+        import visionzip_kernels as vz
+        from visionzip_kernels import ops
+        assert ops.TRITON is None, ops.TRITON
+        assert "triton" not in vz.available_backends("cpu")
+        import torch
+        assert not hasattr(torch.ops.visionzip, "compress_triton")
+        print("ok")
+        """
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU workloads (skipped without a CUDA device)
+# ---------------------------------------------------------------------------------------------
+
+GPU_WORKLOADS = [
+    # (B, N, has_cls, form, k, dtype)
+    (1, 577, True, "full", 64, torch.float16),
+    (5, 577, True, "full", 128, torch.bfloat16),
+    (32, 577, True, "full", 192, torch.float16),
+    (32, 577, True, "rows", 64, torch.float32),
+    (1, 729, False, "full", 64, torch.bfloat16),
+    (5, 729, False, "full", 192, torch.float32),
+    (32, 729, False, "full", 128, torch.float16),
+    (5, 729, False, "scores", 64, torch.bfloat16),
+    (1, 1025, True, "full", 192, torch.float16),
+    (5, 1025, True, "rows", 128, torch.float32),
+    (1, 4097, True, "rows", 192, torch.bfloat16),
+    (5, 4097, False, "scores", 128, torch.float16),
+    (1, 4097, False, "full", 64, torch.float32),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,n,has_cls,form,k,dtype", GPU_WORKLOADS)
+@pytest.mark.parametrize("with_keys", [True, False], ids=["keys", "hidden"])
+def test_gpu_workloads(b, n, has_cls, form, k, dtype, with_keys):
+    case = make_case(b, n, 1024, heads=16, form=form, k=k, key_dim=64 if with_keys else None, has_cls=has_cls,
+                     dtype=dtype, device="cuda")
+    res = run_triton(case)
+    check_against_reference(case, res)
+    assert torch.equal(res.output, run_triton(case).output)  # deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,has_cls", [(577, True), (729, False), (4097, True)])
+def test_gpu_lattice_exact(dtype, n, has_cls):
+    case = make_case(3, n, 1024, heads=16, form="rows", k=192, key_dim=64, has_cls=has_cls, dtype=dtype,
+                     lattice=True, device="cuda")
+    check_against_reference(case, run_triton(case), exact=True)
+
+
+@pytest.mark.gpu
+def test_gpu_poisoned_outputs():
+    case = make_case(5, 577, 1024, heads=16, k=192, key_dim=64, dtype=torch.float16, device="cuda")
+    with poisoned_empty():
+        res = run_triton(case)
+    assert not res.output.isnan().any()
+    check_against_reference(case, res)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_gpu_cuda_graph(has_cls):
+    n = 577 if has_cls else 729
+    case = make_case(4, n, 1024, heads=16, k=128, key_dim=64, has_cls=has_cls, dtype=torch.bfloat16,
+                     device="cuda")
+    static = [case.hidden.clone(), case.attn.clone(), case.keys.clone()]
+    op = torch.ops.visionzip.compress_triton_with_indices
+    run = lambda: op(static[0], static[1], 128, static[2], None, has_cls)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up (compiles the kernels) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    fresh = make_case(4, n, 1024, heads=16, k=128, key_dim=64, has_cls=has_cls, dtype=torch.bfloat16,
+                      device="cuda")
+    for dst, src in zip(static, (fresh.hidden, fresh.attn, fresh.keys)):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    check_against_reference(fresh, CompressResult(*captured))
+    for x, y in zip(captured, run()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile():
+    torch._dynamo.reset()
+
+    def fn(hidden, attn, keys):
+        return vz.compress(hidden, attn, 64, keys=keys, backend="triton") * 1.0
+
+    case = make_case(5, 577, 1024, heads=16, k=64, key_dim=64, dtype=torch.float16, device="cuda")
+    got = torch.compile(fn, fullgraph=True)(case.hidden, case.attn, case.keys)
+    assert torch.equal(got, fn(case.hidden, case.attn, case.keys))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(ops.HAS_CUDA_KERNELS, reason="the extension has its own CUDA kernels")
+def test_gpu_compress_op_dispatches_to_triton():
+    case = make_case(5, 577, 1024, heads=16, k=64, key_dim=64, dtype=torch.float16, device="cuda")
+    res = CompressResult(*torch.ops.visionzip.compress_with_indices(case.hidden, case.attn, 64, keys=case.keys))
+    check_against_reference(case, res)
+    case64 = make_case(2, 577, 64, heads=4, k=64, dtype=torch.float64, device="cuda")  # reference fallback
+    out = torch.ops.visionzip.compress(case64.hidden, case64.attn, 64, keys=case64.keys)
+    torch.testing.assert_close(out, vz.compress_reference(case64.hidden, case64.attn, 64, keys=case64.keys).output)

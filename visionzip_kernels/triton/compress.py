@@ -1,0 +1,444 @@
+"""Triton backend of ``visionzip::compress`` (SPEC 1-3).
+
+Design
+------
+One program per image runs the whole pass (``_compress_kernel``, grid ``(B,)``), in phases separated
+by ``tl.debug_barrier()`` (a CTA barrier: later phases read what other threads of the same program
+wrote to the small global workspace):
+
+1. scores: sum over heads of the attention rows (B, H, N) in float32, heads in order h = 0..H-1
+   exactly as the C++ kernel does, turned into order-preserving int32 keys (-0.0 == +0.0, NaN below
+   every number, CLS forced to the maximum);
+2. top-D without sorting: a 32-step bisection finds the D-th largest key T; tokens above T are kept,
+   and the first ``D - #(key > T)`` tokens equal to T in index order (a running prefix count), which
+   is exactly the "ties toward the lower index" rule. Prefix sums give each kept token its output
+   row (ascending index) and each other token its position in the remaining list;
+3. ordered gather of the dominant rows into the output;
+4. inverse L2 norms of the Cx targets' metric rows (keys, or hidden);
+5. assignment: similarities of the remaining tokens against the targets with ``tl.dot`` on float32
+   inputs (``input_precision="ieee"``), scaled by the targets' inverse norms (the members' own norms do
+   not change the argmax), argmax with ties toward the lower target and NaN lowest;
+6. a stable counting sort of the members by target (counts, offsets, placement) so that
+7. each target's mean reads exactly its members' rows (R x C reads in all, no atomics, NaN-safe), in a
+   fixed order: run-to-run bit-identical.
+
+The received-attention form (no CLS, attn (B, H, N, N)) reads B*H*N*N elements: one program per image
+could not use the GPU's bandwidth, so a second kernel (``_received_attention_kernel``, grid
+(B, ceil(N / BLOCK_J))) first reduces it to (B, N) float32 scores, which the main kernel then takes as
+the (B, 1, N) form. Its sum has a fixed order (per lane sequential over heads and query blocks, then a
+tree over the query lanes): deterministic, but not the C++ kernel's sequential order.
+
+Memory traffic per image (s = element size of each tensor): every hidden row is read once (the D
+dominant rows by the gather, the R = N - D others by the means: N*C*s), the attention's needed part
+once (H*N*s for the CLS row or per-head rows, N*s for scores; H*N*N*s plus a 4*N float32 round trip
+for received attention), the metric rows of the remaining tokens once (R*Ck*s, the Cx target rows
+again for each block of BLOCK_P members, from L1/L2), and it writes k*C*s output plus (D + Cx + N)*8
+bytes of indices. The int32 workspace (6*N*4 bytes, L2-resident) is written once and re-read by the
+phases, the keys up to 33 times by the bisection (once when N <= BLOCK_N, from registers).
+For CLIP-L (N = 577, C = 1024, H = 16, Ck = 64, k = 192, fp16): about 1.18 MB hidden + 18 KB attention
++ 53 KB keys read, 393 KB + 6 KB written.
+Limits: N < 2**31 (int32 token indices in the workspace; offsets are int64); C, Ck and Cx are tiled, so the register
+footprint is fixed by the BLOCK_* constants (ptxas for sm_90: 128 registers with BLOCK_N = 1024,
+about 200 without spills with BLOCK_N = 4096, 16-32 KB shared memory), not by N, C or Cx. One program
+per image keeps a small batch on few SMs: the R*Cx*Ck similarity FMAs of an image run on one SM (fine
+with Ck = 64 keys, slow-ish with the hidden states as metric, Ck = C = 1024, and B = 1).
+float64 hidden states are not supported (ValueError); attn and keys of any float dtype (float64
+included) are converted to float32 on load, as the C++ kernel does.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._validation import CompressPlan, check_compress_inputs
+
+#: Largest token chunk of the selection phases (a power of 2). Tests lower it to cover the chunked path.
+MAX_BLOCK_N = 4096
+
+
+@triton.jit
+def _order_key(x):
+    """float32 -> int32 with the same order; -0.0 and +0.0 map to 0, every NaN to INT32_MIN."""
+    x = tl.where(x == 0.0, 0.0, x)
+    i = x.to(tl.int32, bitcast=True)
+    key = i ^ ((i >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits
+    return tl.where(x != x, -2147483648, key)
+
+
+@triton.jit
+def _received_attention_kernel(
+    att_ptr, s_ab, s_ah, s_aq, s_an,
+    score_ptr,
+    N, H,
+    BLOCK_Q: tl.constexpr, BLOCK_J: tl.constexpr,
+):
+    """score[b, j] = sum over heads and queries of attn[b, h, q, j] (float32), grid (B, cdiv(N, BLOCK_J))."""
+    b = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    jm = j < N
+    offs_q = tl.arange(0, BLOCK_Q)
+    acc = tl.zeros([BLOCK_Q, BLOCK_J], dtype=tl.float32)
+    base = att_ptr + b * s_ab
+    for h in range(H):
+        head = base + (tl.zeros([], dtype=tl.int64) + h) * s_ah
+        for q0 in range(0, N, BLOCK_Q):
+            q = q0 + offs_q
+            m = (q < N)[:, None] & jm[None, :]
+            ptr = head + q.to(tl.int64)[:, None] * s_aq + j[None, :] * s_an
+            acc += tl.load(ptr, mask=m, other=0.0).to(tl.float32)
+    tl.store(score_ptr + b * N + j, tl.sum(acc, axis=0), mask=jm)
+
+
+@triton.jit
+def _compress_kernel(
+    hid_ptr, s_hb, s_hn, s_hc,  # hidden (B, N, C)
+    att_ptr, s_ab, s_ah, s_an,  # attention rows (B, H, N)
+    met_ptr, s_mb, s_mn, s_mc,  # metric (B, N, CM): keys or hidden
+    out_ptr, dom_ptr, tgt_ptr, map_ptr,  # contiguous outputs (B, D+CX, C), (B, D), (B, CX), (B, N)
+    ws_ptr, inv_ptr,  # workspaces: int32 (B, 6, N), float32 (B, max(CX, 1))
+    N, C, CM, H, D, CX, STEP,
+    HAS_CLS: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # N <= BLOCK_N: the keys stay in registers during the bisection
+    BLOCK_N: tl.constexpr,  # tokens per chunk (scores, selection)
+    BLOCK_R: tl.constexpr,  # hidden rows per tile (dominant gather, means)
+    BLOCK_C: tl.constexpr,  # channels per tile (dominant gather, means)
+    BLOCK_P: tl.constexpr,  # remaining tokens per tile (assignment, counting sort)
+    BLOCK_T: tl.constexpr,  # targets per tile
+    BLOCK_K: tl.constexpr,  # metric channels per dot
+):
+    b = tl.program_id(0).to(tl.int64)
+    K = D + CX
+    R = N - D
+    ws = ws_ptr + b * (6 * N)
+    keys_ws = ws
+    rest_ws = ws + N  # token index of each remaining position
+    lab_ws = ws + 2 * N  # target label of each remaining position
+    mem_ws = ws + 3 * N  # members grouped by target (ascending token order inside a group)
+    cnt_ws = ws + 4 * N  # members per target
+    off_ws = ws + 5 * N  # first slot of each target's group in mem_ws
+    inv_ws = inv_ptr + b * tl.maximum(CX, 1)
+    out_b = out_ptr + b * K * C
+    hid_b = hid_ptr + b * s_hb
+    met_b = met_ptr + b * s_mb
+    map_b = map_ptr + b * N
+    dom_b = dom_ptr + b * D
+    tgt_b = tgt_ptr + b * CX
+    offs_n = tl.arange(0, BLOCK_N)
+
+    # ---- 1. scores -> order keys (heads summed in order, like the C++ kernel) ----------------------
+    for j0 in range(0, N, BLOCK_N):
+        j = j0 + offs_n
+        jm = j < N
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        arow = att_ptr + b * s_ab + j.to(tl.int64) * s_an
+        for h in range(H):
+            acc += tl.load(arow + (tl.zeros([], dtype=tl.int64) + h) * s_ah, mask=jm, other=0.0).to(tl.float32)
+        key = _order_key(acc)
+        if HAS_CLS:
+            key = tl.where(j == 0, 2147483647, key)  # CLS always kept (and it wins ties by index)
+        tl.store(keys_ws + j, key, mask=jm)
+    tl.debug_barrier()
+
+    # ---- 2. threshold T = D-th largest key: largest T with #(key >= T) >= D ---------------------
+    # Keys are shifted to [0, 2**32) as int64; padding lanes get -1 and never count.
+    lo = tl.full([], 0, dtype=tl.int64)  # invariant: #(u >= lo) >= D
+    hi = tl.full([], 4294967296, dtype=tl.int64)  # invariant: #(u >= hi) < D (when D >= 1)
+    if ONE_CHUNK:
+        u1 = tl.load(keys_ws + offs_n, mask=offs_n < N, other=0).to(tl.int64) + 2147483648
+        u1 = tl.where(offs_n < N, u1, -1)
+        for _ in range(32):
+            mid = (lo + hi) // 2
+            ok = tl.sum((u1 >= mid).to(tl.int32), axis=0) >= D
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        greater = tl.sum((u1 > lo).to(tl.int32), axis=0)
+    else:
+        for _ in range(32):
+            mid = (lo + hi) // 2
+            cnt = tl.zeros([], dtype=tl.int32)
+            for j0 in range(0, N, BLOCK_N):
+                j = j0 + offs_n
+                u = tl.load(keys_ws + j, mask=j < N, other=0).to(tl.int64) + 2147483648
+                u = tl.where(j < N, u, -1)
+                cnt += tl.sum((u >= mid).to(tl.int32), axis=0)
+            ok = cnt >= D
+            lo = tl.where(ok, mid, lo)
+            hi = tl.where(ok, hi, mid)
+        greater = tl.zeros([], dtype=tl.int32)
+        for j0 in range(0, N, BLOCK_N):
+            j = j0 + offs_n
+            u = tl.load(keys_ws + j, mask=j < N, other=0).to(tl.int64) + 2147483648
+            u = tl.where(j < N, u, -1)
+            greater += tl.sum((u > lo).to(tl.int32), axis=0)
+    thr = lo
+    need_eq = D - greater  # tokens equal to T that are kept: the first ones by index
+
+    # ---- 3. kept mask, output rows, remaining list, targets ------------------------------------
+    carry_eq = tl.zeros([], dtype=tl.int32)
+    carry_sel = tl.zeros([], dtype=tl.int32)
+    for j0 in range(0, N, BLOCK_N):
+        j = j0 + offs_n
+        jm = j < N
+        u = tl.load(keys_ws + j, mask=jm, other=0).to(tl.int64) + 2147483648
+        u = tl.where(jm, u, -1)
+        eq = u == thr
+        eq_rank = carry_eq + tl.cumsum(eq.to(tl.int32), axis=0)  # inclusive rank among ties
+        sel = (u > thr) | (eq & (eq_rank <= need_eq))
+        sel_incl = carry_sel + tl.cumsum(sel.to(tl.int32), axis=0)
+        dpos = sel_incl - 1  # output row of a kept token
+        rpos = j - sel_incl  # position of a remaining token in the remaining list
+        rest = jm & (sel == 0)
+        tl.store(dom_b + dpos, j.to(tl.int64), mask=sel)
+        tl.store(map_b + j, dpos.to(tl.int64), mask=sel)
+        tl.store(map_b + j, tl.full([BLOCK_N], -1, dtype=tl.int64), mask=rest)  # overwritten if CX > 0
+        tl.store(rest_ws + rpos, j, mask=rest)
+        is_tgt = rest & (rpos % STEP == 0) & (rpos // STEP < CX)
+        tl.store(tgt_b + rpos // STEP, j.to(tl.int64), mask=is_tgt)
+        carry_eq += tl.sum(eq.to(tl.int32), axis=0)
+        carry_sel += tl.sum(sel.to(tl.int32), axis=0)
+    tl.debug_barrier()
+
+    # ---- 4. dominant block: rows of the kept tokens in ascending index --------------------------
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_c = tl.arange(0, BLOCK_C)
+    for r0 in range(0, D, BLOCK_R):
+        r = r0 + offs_r
+        rm = r < D
+        tok = tl.load(dom_b + r, mask=rm, other=0)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            m2 = rm[:, None] & (c < C)[None, :]
+            x = tl.load(hid_b + tok[:, None] * s_hn + c[None, :] * s_hc, mask=m2)
+            tl.store(out_b + r[:, None] * C + c[None, :], x, mask=m2)
+
+    # ---- 5. inverse norms of the targets' metric rows ------------------------------------------
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_P)
+    for t0 in range(0, CX, BLOCK_T):
+        t = t0 + offs_t
+        tm = t < CX
+        trow = tl.load(tgt_b + t, mask=tm, other=0)
+        ss = tl.zeros([BLOCK_T], dtype=tl.float32)
+        for m0 in range(0, CM, BLOCK_K):
+            mk = m0 + offs_k
+            x = tl.load(met_b + trow[:, None] * s_mn + mk[None, :] * s_mc,
+                        mask=tm[:, None] & (mk < CM)[None, :], other=0.0).to(tl.float32)
+            ss += tl.sum(x * x, axis=1)
+        inv = tl.div_rn(tl.full([BLOCK_T], 1.0, dtype=tl.float32), tl.maximum(tl.sqrt_rn(ss), 1e-12))
+        tl.store(inv_ws + t, inv, mask=tm)
+    tl.debug_barrier()
+
+    # ---- 6. assignment: argmax_t <x_p, t_hat> (ties -> lower t, NaN lowest) ---------------------
+    for p0 in range(0, R, BLOCK_P):
+        p = p0 + offs_p
+        pm = p < R
+        tok = tl.load(rest_ws + p, mask=pm, other=0).to(tl.int64)
+        best_key = tl.full([BLOCK_P], -2147483648, dtype=tl.int32)
+        best_t = tl.zeros([BLOCK_P], dtype=tl.int32)
+        for t0 in range(0, CX, BLOCK_T):
+            t = t0 + offs_t
+            tm = t < CX
+            trow = tl.load(tgt_b + t, mask=tm, other=0)
+            sims = tl.zeros([BLOCK_P, BLOCK_T], dtype=tl.float32)
+            for m0 in range(0, CM, BLOCK_K):
+                mk = m0 + offs_k
+                km = mk < CM
+                x = tl.load(met_b + tok[:, None] * s_mn + mk[None, :] * s_mc,
+                            mask=pm[:, None] & km[None, :], other=0.0).to(tl.float32)
+                y = tl.load(met_b + trow[None, :] * s_mn + mk[:, None] * s_mc,
+                            mask=km[:, None] & tm[None, :], other=0.0).to(tl.float32)
+                sims = tl.dot(x, y, sims, input_precision="ieee")
+            inv = tl.load(inv_ws + t, mask=tm, other=0.0)
+            key = _order_key(sims * inv[None, :])
+            key = tl.where(tm[None, :], key, -2147483648)  # padding never beats a real target
+            mx = tl.max(key, axis=1)
+            arg = tl.min(tl.where(key == mx[:, None], t[None, :], 2147483647), axis=1)
+            upd = mx > best_key  # strict: an earlier (lower) target keeps a tie
+            best_t = tl.where(upd, arg, best_t)
+            best_key = tl.where(upd, mx, best_key)
+        is_tgt = (p % STEP == 0) & (p // STEP < CX)
+        label = tl.where(is_tgt, p // STEP, best_t)  # targets label themselves
+        tl.store(lab_ws + p, label, mask=pm)
+        tl.store(map_b + tok, (D + label).to(tl.int64), mask=pm & (CX > 0))
+    tl.debug_barrier()
+
+    # ---- 7. members per target and group offsets (exclusive prefix over targets) ----------------
+    carry_off = tl.zeros([], dtype=tl.int32)
+    for t0 in range(0, CX, BLOCK_T):
+        t = t0 + offs_t
+        tm = t < CX
+        cnt = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for p0 in range(0, R, BLOCK_P):
+            p = p0 + offs_p
+            member = (p < R) & ((p % STEP != 0) | (p // STEP >= CX))
+            lab = tl.load(lab_ws + p, mask=member, other=-1)
+            hit = (lab[:, None] == t[None, :]) & member[:, None]
+            cnt += tl.sum(hit.to(tl.int32), axis=0)
+        tl.store(cnt_ws + t, cnt, mask=tm)
+        tl.store(off_ws + t, carry_off + tl.cumsum(cnt, axis=0) - cnt, mask=tm)
+        carry_off += tl.sum(cnt, axis=0)
+    tl.debug_barrier()
+
+    # ---- 8. stable placement of the members into their groups -----------------------------------
+    for t0 in range(0, CX, BLOCK_T):
+        t = t0 + offs_t
+        tm = t < CX
+        off = tl.load(off_ws + t, mask=tm, other=0)
+        seen = tl.zeros([BLOCK_T], dtype=tl.int32)
+        for p0 in range(0, R, BLOCK_P):
+            p = p0 + offs_p
+            member = (p < R) & ((p % STEP != 0) | (p // STEP >= CX))
+            lab = tl.load(lab_ws + p, mask=member, other=-1)
+            tok = tl.load(rest_ws + p, mask=member, other=0)
+            hit = ((lab[:, None] == t[None, :]) & member[:, None]).to(tl.int32)
+            slot = off[None, :] + seen[None, :] + tl.cumsum(hit, axis=0) - 1
+            slot_p = tl.sum(tl.where(hit != 0, slot, 0), axis=1)
+            tl.store(mem_ws + slot_p, tok, mask=tl.sum(hit, axis=1) > 0)
+            seen += tl.sum(hit, axis=0)
+    tl.debug_barrier()
+
+    # ---- 9. contextual rows: hidden[target] + sum(members) / max(count, 1) ----------------------
+    for t in range(0, CX):
+        n_mem = tl.load(cnt_ws + t)
+        first = tl.load(off_ws + t)
+        trow = tl.load(tgt_b + t)
+        denom = tl.maximum(n_mem, 1).to(tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            c = c0 + offs_c
+            cm = c < C
+            part = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            for q0 in range(0, n_mem, BLOCK_R):
+                q = q0 + offs_r
+                qm = q < n_mem
+                rows = tl.load(mem_ws + first + q, mask=qm, other=0).to(tl.int64)
+                part += tl.load(hid_b + rows[:, None] * s_hn + c[None, :] * s_hc,
+                                mask=qm[:, None] & cm[None, :], other=0.0).to(tl.float32)
+            total = tl.sum(part, axis=0)
+            th = tl.load(hid_b + trow * s_hn + c * s_hc, mask=cm, other=0.0).to(tl.float32)
+            res = th + tl.div_rn(total, tl.zeros([BLOCK_C], dtype=tl.float32) + denom)
+            tl.store(out_b + (D + t) * C + c, res.to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def interpreting() -> bool:
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import time)."""
+    return not isinstance(_compress_kernel, triton.runtime.JITFunction)
+
+
+def check_triton_inputs(
+    hidden: torch.Tensor,
+    attn: torch.Tensor,
+    k: int,
+    keys: Optional[torch.Tensor] = None,
+    contextual: Optional[int] = None,
+    has_cls: bool = True,
+) -> CompressPlan:
+    """:func:`check_compress_inputs` plus what the Triton backend cannot do (float64 hidden). ValueError."""
+    plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
+    if hidden.dtype == torch.float64:
+        raise ValueError(
+            "the triton backend supports float16, bfloat16 and float32 hidden states; hidden is float64 "
+            "(use backend='cpu', 'cuda' or 'reference' for float64)"
+        )
+    return plan
+
+
+def _check_device(hidden: torch.Tensor) -> None:
+    if hidden.device.type == "cuda":
+        return
+    if hidden.device.type == "cpu" and interpreting():
+        return
+    raise ValueError(
+        f"the triton backend needs CUDA tensors; hidden is on {hidden.device}"
+        + (" (CPU tensors run only in Triton's interpreter, TRITON_INTERPRET=1 set before import)"
+           if hidden.device.type == "cpu" else "")
+    )
+
+
+def compress_triton(
+    hidden: torch.Tensor,
+    attn: torch.Tensor,
+    k: int,
+    keys: Optional[torch.Tensor] = None,
+    contextual: Optional[int] = None,
+    has_cls: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VisionZip compression with the Triton kernels (same contract as ``compress_reference``).
+
+    Args:
+        hidden: (B, N, C) float16/bfloat16/float32, CUDA (or CPU under TRITON_INTERPRET=1).
+        attn: (B, H, N, N), (B, H, N) or (B, N); any float dtype (read as float32), any strides.
+        k: output tokens per image, D dominant + Cx contextual.
+        keys: (B, N, Ck) similarity metric, or None for ``hidden``.
+        contextual: Cx (``k * 5 // 32`` when None).
+        has_cls: token 0 is a CLS token (scored by its row, always kept).
+
+    Returns:
+        (output (B, k, C) in hidden's dtype, dominant_indices (B, D) int64, contextual_indices
+        (B, Cx) int64, token_map (B, N) int64). No host synchronisation, static shapes.
+    """
+    plan = check_triton_inputs(hidden, attn, k, keys, contextual, has_cls)
+    _check_device(hidden)
+    b, n, c = plan.batch, plan.tokens, plan.channels
+    d, cx = plan.dominant, plan.contextual
+    dev = hidden.device
+    out = torch.empty((b, d + cx, c), dtype=hidden.dtype, device=dev)
+    dom = torch.empty((b, d), dtype=torch.long, device=dev)
+    tgt = torch.empty((b, cx), dtype=torch.long, device=dev)
+    tmap = torch.empty((b, n), dtype=torch.long, device=dev)
+    if b == 0:
+        return out, dom, tgt, tmap
+    interp = interpreting()
+
+    # Attention as rows (B, H, N): the CLS row of each head, per-head rows, or scores.
+    if attn.dim() == 4 and not has_cls:
+        scores = torch.empty((b, n), dtype=torch.float32, device=dev)
+        block_j = max(16, min(_next_pow2(n), 64 if interp else 32))
+        block_q = max(16, min(_next_pow2(n), 64))
+        _received_attention_kernel[(b, triton.cdiv(n, block_j))](
+            attn, *attn.stride(), scores, n, attn.shape[1],
+            BLOCK_Q=block_q, BLOCK_J=block_j, num_warps=4,
+        )
+        rows = scores.unsqueeze(1)
+    elif attn.dim() == 4:
+        rows = attn[:, :, 0, :]
+    elif attn.dim() == 3:
+        rows = attn
+    else:
+        rows = attn.unsqueeze(1)
+    metric = keys if keys is not None else hidden
+    cm = metric.shape[2]
+
+    ws = torch.empty((b, 6, n), dtype=torch.int32, device=dev)
+    inv = torch.empty((b, max(cx, 1)), dtype=torch.float32, device=dev)
+    # Zero-size outputs get a one-element stand-in pointer (never written: every store is masked off).
+    dom_arg = dom if d > 0 else torch.empty(1, dtype=torch.long, device=dev)
+    tgt_arg = tgt if cx > 0 else torch.empty(1, dtype=torch.long, device=dev)
+
+    block_n = max(16, min(_next_pow2(n), MAX_BLOCK_N))  # blocks of at least 16 lanes (tl.dot, layouts)
+    _compress_kernel[(b,)](
+        hidden, *hidden.stride(),
+        rows, rows.stride(0), rows.stride(1), rows.stride(2),
+        metric, *metric.stride(),
+        out, dom_arg, tgt_arg, tmap,
+        ws, inv,
+        n, c, cm, rows.shape[1], d, cx, plan.step,
+        HAS_CLS=bool(has_cls),
+        ONE_CHUNK=n <= block_n,
+        BLOCK_N=block_n,
+        BLOCK_R=8,
+        BLOCK_C=max(16, min(_next_pow2(c), 1024)),  # a CLIP-L row in one tile
+        BLOCK_P=32,
+        BLOCK_T=16 if cx <= 16 else 32,
+        BLOCK_K=max(16, min(_next_pow2(cm), 64)),
+        num_warps=8,
+    )
+    return out, dom, tgt, tmap

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ._validation import check_compress_inputs
+from ._validation import CompressPlan, check_compress_inputs
 
 try:
     from . import _C  # noqa: F401  (runs the TORCH_LIBRARY registrations)
@@ -31,6 +31,17 @@ def _has_kernel(op: str, dispatch_key: str) -> bool:
 
 #: True when the compiled extension carries the hand-written CUDA kernels (backend "cuda").
 HAS_CUDA_KERNELS: bool = _has_kernel("visionzip::compress", "CUDA")
+
+
+def empty_outputs(hidden: torch.Tensor, plan: CompressPlan) -> tuple[torch.Tensor, ...]:
+    """Uninitialised (output, dominant_indices, contextual_indices, token_map) for ``plan``."""
+    b, idx = plan.batch, dict(dtype=torch.long)
+    return (
+        hidden.new_empty((b, plan.k, plan.channels)),
+        hidden.new_empty((b, plan.dominant), **idx),
+        hidden.new_empty((b, plan.contextual), **idx),
+        hidden.new_empty((b, plan.tokens), **idx),
+    )
 
 
 @torch.library.register_fake("visionzip::compress")
@@ -57,14 +68,7 @@ def _compress_with_indices_fake(
     contextual: Optional[int] = None,
     has_cls: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
-    idx = dict(dtype=torch.long)
-    return (
-        hidden.new_empty((plan.batch, plan.k, plan.channels)),
-        hidden.new_empty((plan.batch, plan.dominant), **idx),
-        hidden.new_empty((plan.batch, plan.contextual), **idx),
-        hidden.new_empty((plan.batch, plan.tokens), **idx),
-    )
+    return empty_outputs(hidden, check_compress_inputs(hidden, attn, k, keys, contextual, has_cls))
 
 
 def _triton_module():
@@ -93,14 +97,7 @@ if TRITON is not None:
         contextual: Optional[int],
         has_cls: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        plan = TRITON.check_triton_inputs(hidden, attn, k, keys, contextual, has_cls)
-        idx = dict(dtype=torch.long)
-        return (
-            hidden.new_empty((plan.batch, plan.k, plan.channels)),
-            hidden.new_empty((plan.batch, plan.dominant), **idx),
-            hidden.new_empty((plan.batch, plan.contextual), **idx),
-            hidden.new_empty((plan.batch, plan.tokens), **idx),
-        )
+        return empty_outputs(hidden, TRITON.check_triton_inputs(hidden, attn, k, keys, contextual, has_cls))
 
     @torch.library.custom_op("visionzip::compress_triton", mutates_args=(), device_types=("cuda", "cpu"))
     def _compress_triton(

@@ -391,6 +391,96 @@ def _patch_llava(handle: VisionZipHandle, base: torch.nn.Module) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# LLaVA-NeXT and LLaVA-OneVision (anyres crops)
+# --------------------------------------------------------------------------------------------
+
+
+def _patch_anyres(handle: VisionZipHandle, base: torch.nn.Module, onevision: bool) -> None:
+    """Every crop (base image first, then the sub-crops in processor order) is compressed to k tokens;
+    an image becomes [crop 0: k rows][crop 1: k rows]...[crop P-1: k rows][image_newline]. The unpad /
+    per-row newline layout of the original needs a full grid, which compressed tokens no longer form;
+    the single trailing newline keeps the end-of-image marker the model was trained with."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    tower, projector, config = base.vision_tower, base.multi_modal_projector, base.config
+    _selection_layer(tower, config.vision_feature_layer)
+    # CLIP towers (LLaVA-NeXT) have a CLS token; SigLIP (OneVision) does not.
+    has_cls = getattr(tower.embeddings, "class_embedding", None) is not None
+    output_cls = _output_class()
+
+    def encode(pixel_values, image_sizes, vision_feature_layer, need_crops, kwargs):
+        crops = [
+            image_size_to_num_patches(
+                image_size=size, grid_pinpoints=config.image_grid_pinpoints, patch_size=config.vision_config.image_size
+            )
+            if crop
+            else 1
+            for size, crop in zip(image_sizes, need_crops)
+        ]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pix[:n] for pix, n in zip(pixel_values, crops)], dim=0)
+        elif pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
+        layer = _selection_layer(tower, config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
+        kwargs.pop("return_dict", None)
+        out, hidden, scores, keys = _run_clip_like_tower(tower, pixel_values, layer, has_cls=has_cls, **kwargs)
+        result = handle.compress(hidden, scores, keys, has_cls=has_cls)  # one row per crop
+        projected = projector(result.output)
+        newline = base.image_newline[None].to(projected)
+        features, split = [], 0
+        for n in crops:
+            features.append(torch.cat([projected[split : split + n].flatten(0, 1), newline], dim=0))
+            split += n
+        kept = _kept_indices(result)
+        per_image = lambda t: list(t.split(crops))  # noqa: E731
+        return output_cls(
+            last_hidden_state=out.last_hidden_state,
+            pooler_output=features,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
+            dominant_indices=per_image(result.dominant_indices),
+            contextual_indices=per_image(result.contextual_indices),
+            token_map=per_image(result.token_map),
+            kept_indices=per_image(kept),
+        )
+
+    if onevision:
+
+        def get_image_features(
+            pixel_values: torch.Tensor,
+            image_sizes: torch.Tensor,
+            vision_feature_layer: Any = None,
+            vision_feature_select_strategy: Optional[str] = None,
+            vision_aspect_ratio: Optional[str] = None,
+            batch_num_images: Optional[torch.Tensor] = None,
+            **kwargs: Any,
+        ):
+            """VisionZip replacement of ``LlavaOnevisionModel.get_image_features``: per image
+            crops * budget + 1 rows (multi-image samples use the base crop only, as the model does)."""
+            if batch_num_images is None:
+                need = [True] * len(image_sizes)
+            else:
+                need = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+            return encode(pixel_values, image_sizes, vision_feature_layer, need, kwargs)
+
+    else:
+
+        def get_image_features(
+            pixel_values: torch.Tensor,
+            image_sizes: torch.Tensor,
+            vision_feature_layer: Any = None,
+            vision_feature_select_strategy: Optional[str] = None,
+            **kwargs: Any,
+        ):
+            """VisionZip replacement of ``LlavaNextModel.get_image_features``: per image
+            crops * budget + 1 rows."""
+            return encode(pixel_values, image_sizes, vision_feature_layer, [True] * len(image_sizes), kwargs)
+
+    handle._set(base, "get_image_features", get_image_features)
+    _patch_placeholder_check(handle, base, f"crops x {handle.budget} + 1 newline per image")
+
+
+# --------------------------------------------------------------------------------------------
 # Qwen2-VL / Qwen2.5-VL
 # --------------------------------------------------------------------------------------------
 
@@ -648,7 +738,6 @@ def _processor_family(processor: Any) -> str:
 
 def _num_crops(processor: Any, image_inputs: dict, image_idx: int) -> int:
     """Crops (base + sub-crops) the LLaVA-NeXT / OneVision model will see for one image."""
-    from transformers.image_processing_utils import select_best_resolution  # noqa: F401  (import check)
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     size = image_inputs["image_sizes"][image_idx]
@@ -659,6 +748,16 @@ def _num_crops(processor: Any, image_inputs: dict, image_idx: int) -> int:
             image_size=size, grid_pinpoints=processor.image_processor.image_grid_pinpoints, patch_size=crop
         )
     )
+
+
+def _onevision_multi_image(image_inputs: dict, image_idx: int) -> bool:
+    """Whether image ``image_idx`` belongs to a sample with several images (OneVision's rule)."""
+    seen = 0
+    for n in image_inputs.get("batch_num_images", []):
+        if image_idx < seen + n:
+            return n != 1
+        seen += n
+    return False
 
 
 def qwen_image_tokens(budget: int, units: int) -> int:
@@ -682,6 +781,8 @@ def apply_visionzip_processor(processor: Any, budget: int = 64) -> Any:
     def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         if family == "llava":
             count = budget
+        elif family == "llava_onevision" and _onevision_multi_image(image_inputs, image_idx):
+            count = budget + 1  # multi-image samples: base crop only
         elif family in ("llava_next", "llava_onevision"):
             count = _num_crops(processor, image_inputs, image_idx) * budget + 1
         else:
@@ -808,6 +909,8 @@ def remove_visionzip(model: torch.nn.Module) -> None:
 
 _PATCHERS: dict[str, Callable[[VisionZipHandle, torch.nn.Module], None]] = {
     "llava": _patch_llava,
+    "llava_next": lambda handle, base: _patch_anyres(handle, base, onevision=False),
+    "llava_onevision": lambda handle, base: _patch_anyres(handle, base, onevision=True),
     "qwen2_vl": _patch_qwen,
     "qwen2_5_vl": _patch_qwen,
 }

@@ -327,6 +327,14 @@ def _count_image_tokens(base: torch.nn.Module, input_ids: Optional[torch.Tensor]
     return int((inputs_embeds == ref).all(-1).sum())
 
 
+def _processor_hint(budget: int) -> str:
+    return (
+        "The processor that built these inputs was not patched for VisionZip: use "
+        f"apply_visionzip_processor(processor, budget={budget}) or "
+        f"apply_visionzip(model, budget={budget}, processor=processor)."
+    )
+
+
 def _patch_placeholder_check(handle: VisionZipHandle, base: torch.nn.Module, per_image: str) -> None:
     original = base.get_placeholder_mask
 
@@ -337,9 +345,7 @@ def _patch_placeholder_check(handle: VisionZipHandle, base: torch.nn.Module, per
             if n_tokens != n_rows:
                 raise ValueError(
                     f"VisionZip: the input has {n_tokens} image placeholder tokens but the compressed image "
-                    f"features have {n_rows} rows ({per_image}). The processor that built these inputs was not "
-                    f"patched for VisionZip: use apply_visionzip_processor(processor, budget={handle.budget}) or "
-                    f"apply_visionzip(model, budget={handle.budget}, processor=processor)."
+                    f"features have {n_rows} rows ({per_image}). " + _processor_hint(handle.budget)
                 )
         return original(input_ids, inputs_embeds=inputs_embeds, image_features=image_features, **kwargs)
 
@@ -547,6 +553,7 @@ def _qwen_rope_index(
     image_grid_thw: Optional[torch.Tensor],
     attention_mask: Optional[torch.Tensor],
     kept: Optional[list],
+    budget: int,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE position ids of a sequence whose image runs hold compressed tokens.
@@ -573,11 +580,15 @@ def _qwen_rope_index(
         for start, end in _image_runs(mm_token_type_ids[b], valid[b]):
             run, full = end - start, units[image]
             if run > full:
-                raise ValueError(f"VisionZip: image {image} has {run} placeholder tokens but only {full} tokens")
+                raise ValueError(
+                    f"VisionZip: image {image} has {run} placeholder tokens but only {full} tokens. "
+                    + _processor_hint(budget)
+                )
             order = kept[image].to(device) if kept is not None else torch.arange(run, device=device)
             if order.numel() != run:
                 raise ValueError(
-                    f"VisionZip: image {image} has {run} placeholder tokens but {order.numel()} compressed tokens"
+                    f"VisionZip: image {image} has {run} placeholder tokens but {order.numel()} compressed "
+                    f"tokens (min({budget}, {full})). " + _processor_hint(budget)
                 )
             text = start - cursor
             pieces_ids += [input_ids[b, cursor:start], input_ids.new_full((full,), int(input_ids[b, start]))]
@@ -670,7 +681,7 @@ def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
         kwargs = {k: v for k, v in kwargs.items() if k in ("second_per_grid_ts",)}
         return _qwen_rope_index(
             base, original_rope_index, input_ids, mm_token_type_ids, image_grid_thw, attention_mask,
-            visionzip_kept, video_grid_thw=video_grid_thw, **kwargs,
+            visionzip_kept, handle.budget, video_grid_thw=video_grid_thw, **kwargs,
         )
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
@@ -688,7 +699,7 @@ def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
             extra = {k: kwargs[k] for k in ("second_per_grid_ts",) if kwargs.get(k) is not None}
             positions, deltas = _qwen_rope_index(
                 base, original_rope_index, input_ids, mm_token_type_ids, image_out.grid_thw, attention_mask,
-                kept, video_grid_thw=kwargs.get("video_grid_thw"), **extra,
+                kept, handle.budget, video_grid_thw=kwargs.get("video_grid_thw"), **extra,
             )
             if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:
                 positions = torch.cat([position_ids[:1], positions.to(position_ids)], dim=0)  # keep text row

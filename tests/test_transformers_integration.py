@@ -256,6 +256,8 @@ def test_llava_features_match_reference(llava, images):
 def test_llava_sdpa_and_eager_select_same_tokens(images):
     sdpa, proc = build_llava("sdpa", seed=3)
     eager, _ = build_llava("eager", seed=3)
+    assert sdpa.model.vision_tower.config._attn_implementation == "sdpa"
+    assert eager.model.vision_tower.config._attn_implementation == "eager"
     pixel = proc.image_processor(images, return_tensors="pt").pixel_values
     with torch.no_grad():
         # the q/k scores equal the CLS row of the eager tower's own attention probabilities
@@ -509,6 +511,24 @@ def test_qwen_small_image_keeps_all_and_remove_restores(qwen):
         finally:
             remove_visionzip(model)
         assert torch.equal(model(**inputs).logits, before)
+
+
+def test_qwen_sdpa_and_eager_select_same_tokens(qwen):
+    model, proc = qwen
+    inputs = proc(images=[_image(4, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
+    visual = model.model.visual
+    handle = apply_visionzip(model, budget=8, processor=proc)
+    try:
+        with torch.no_grad():
+            a = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
+            visual.set_attn_implementation("eager")
+            assert visual.config._attn_implementation == "eager"
+            b = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
+    finally:
+        visual.set_attn_implementation("sdpa")
+        handle.remove()
+    assert torch.equal(a.kept_indices[0], b.kept_indices[0])
+    torch.testing.assert_close(a.pooler_output[0], b.pooler_output[0], rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,9 +30,7 @@ says so.
 
 from __future__ import annotations
 
-import math
 import sys
-import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 

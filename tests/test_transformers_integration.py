@@ -1,0 +1,566 @@
+"""VisionZip on Hugging Face transformers models (issue 7), with tiny random-weight models.
+
+Every model and processor is built locally from configs (no download). The checks: generate runs,
+the LLM receives exactly the budgeted number of image tokens, the image features equal the oracle
+(``compress_reference``) on tensors captured independently from the tower, SDPA and eager towers pick
+the same tokens, batches, text-agnostic reuse, exact removal, independence of two models, the
+placeholder-mismatch error, and (Qwen) the M-RoPE positions of the kept tokens.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+from visionzip_kernels import compress_reference  # noqa: E402
+from visionzip_kernels.integrations.transformers import (  # noqa: E402
+    _plain_cls_scores,
+    _plain_received_scores,
+    apply_visionzip,
+    apply_visionzip_processor,
+    remove_visionzip,
+    remove_visionzip_processor,
+)
+
+IMAGE, VIDEO = 4, 5
+WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>", "<|vision_start|>", "<|vision_end|>",
+         "USER:", "ASSISTANT:", "what", "is", "this", "?", "and", "now", "describe", "it"]
+PROMPT = "USER: <image> what is this ? ASSISTANT:"
+
+
+def _tokenizer(image_token: str = "<image>", video_token: str = "<video>"):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = list(WORDS)
+    words[IMAGE], words[VIDEO] = image_token, video_token
+    vocab = {w: i for i, w in enumerate(words)}
+    for i in range(40):
+        vocab[f"w{i}"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", padding_side="left",
+        extra_special_tokens={"image_token": image_token, "video_token": video_token},
+    )
+
+
+def _no_video_processor(cls):
+    """The processor class without the video-processor check (video processors need torchvision)."""
+
+    class Processor(cls):
+        def check_argument_for_proper_class(self, name, arg):
+            return None if arg is None else super().check_argument_for_proper_class(name, arg)
+
+    return Processor
+
+
+def _image(seed: int, h: int, w: int) -> np.ndarray:
+    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _text_config(cls, vocab: int):
+    return cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=1024)
+
+
+# --------------------------------------------------------------------------------------------
+# Model builders
+# --------------------------------------------------------------------------------------------
+
+
+def build_llava(attn: str = "sdpa", seed: int = 0):
+    tok = _tokenizer()
+    ip = transformers.CLIPImageProcessor(size={"shortest_edge": 70}, crop_size={"height": 70, "width": 70})
+    proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=4, image_size=70, patch_size=14)
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=_text_config(transformers.LlamaConfig, len(tok)),
+                                   image_token_id=IMAGE, vision_feature_layer=-2,
+                                   vision_feature_select_strategy="default")
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    model.model.vision_tower.set_attn_implementation(attn)
+    return model, proc
+
+
+def build_llava_next(seed: int = 0):
+    tok = _tokenizer()
+    pins = [[42, 42], [42, 84], [84, 42], [84, 84]]
+    ip = transformers.LlavaNextImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42},
+                                              image_grid_pinpoints=pins)
+    proc = transformers.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                       num_attention_heads=4, image_size=42, patch_size=14)
+    cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=_text_config(transformers.LlamaConfig, len(tok)),
+                                       image_token_id=IMAGE, image_grid_pinpoints=pins, vision_feature_layer=-2)
+    torch.manual_seed(seed)
+    return transformers.LlavaNextForConditionalGeneration(cfg).eval(), proc
+
+
+def build_onevision(seed: int = 0):
+    tok = _tokenizer()
+    pins = [[42, 42], [42, 84], [84, 42], [84, 84]]
+    ip = transformers.LlavaOnevisionImageProcessor(size={"height": 42, "width": 42}, image_grid_pinpoints=pins)
+    proc = _no_video_processor(transformers.LlavaOnevisionProcessor)(
+        image_processor=ip, tokenizer=tok, num_image_tokens=9, vision_feature_select_strategy="full")
+    vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                         num_attention_heads=4, image_size=42, patch_size=14)
+    cfg = transformers.LlavaOnevisionConfig(
+        vision_config=vc, text_config=_text_config(transformers.Qwen2Config, len(tok)), image_token_id=IMAGE,
+        video_token_id=VIDEO, image_grid_pinpoints=pins, vision_feature_layer=-2,
+        vision_feature_select_strategy="full")
+    torch.manual_seed(seed)
+    return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval(), proc
+
+
+def build_qwen(version: str, seed: int = 0):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = _tokenizer("<|image_pad|>", "<|video_pad|>")
+    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=168 * 168, patch_size=14, merge_size=2,
+                                  temporal_patch_size=2)
+    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=6, vision_end_token_id=7)
+    if version == "2":
+        proc_cls, model_cls = transformers.Qwen2VLProcessor, transformers.Qwen2VLForConditionalGeneration
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
+    else:
+        proc_cls, model_cls = transformers.Qwen2_5_VLProcessor, transformers.Qwen2_5_VLForConditionalGeneration
+        # 3 blocks, block 1 full attention, windows of 2x2 merge units: the window order is exercised.
+        vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
+                      fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2)
+        cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
+    proc = _no_video_processor(proc_cls)(image_processor=ip, tokenizer=tok)
+    torch.manual_seed(seed)
+    return model_cls(cfg).eval(), proc
+
+
+QWEN_PROMPT = "USER: <|vision_start|> <|image_pad|> <|vision_end|> what is this ? ASSISTANT:"
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+class LMInputs:
+    """Records what the language model receives (inputs_embeds, position_ids) on each call."""
+
+    def __init__(self, model):
+        self.calls = []
+        self._h = model.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _mod, args, kwargs):
+        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "position_ids")})
+
+    def close(self):
+        self._h.remove()
+
+
+def _gen(model, inputs, n: int = 3):
+    return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return build_llava()
+
+
+@pytest.fixture(scope="module")
+def images():
+    return [_image(1, 80, 90), _image(2, 100, 70)]
+
+
+def _capture_clip_layer(model, layer_index: int = -2):
+    """Independent capture of the selection layer of a CLIP / SigLIP tower: (hidden, q, k) per call."""
+    tower = model.model.vision_tower
+    layer = tower.encoder.layers[len(tower.encoder.layers) + 1 + layer_index - 1]
+    store = {}
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o: store.__setitem__("hidden", o[0] if isinstance(o, tuple) else o)),
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: store.__setitem__("q", o)),
+        layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: store.__setitem__("k", o)),
+    ]
+    return store, hooks, layer.self_attn
+
+
+def _oracle_from_capture(store, attn, budget, has_cls):
+    """compress_reference on the captured tensors, scores from an explicit float64 softmax."""
+    b, n, c = store["hidden"].shape
+    h = attn.num_heads
+    q = store["q"].double().view(b, n, h, -1).transpose(1, 2)
+    k = store["k"].double().view(b, n, h, -1).transpose(1, 2)
+    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, N, N), the full matrix here
+    return compress_reference(store["hidden"], probs, budget, keys=k.mean(1).float(), has_cls=has_cls)
+
+
+# --------------------------------------------------------------------------------------------
+# LLaVA
+# --------------------------------------------------------------------------------------------
+
+
+def test_llava_generate_and_token_count(llava, images):
+    model, proc = llava
+    handle = apply_visionzip(model, budget=8, processor=proc)
+    try:
+        inputs = proc(images=images[:1], text=[PROMPT], return_tensors="pt")
+        assert int((inputs.input_ids == IMAGE).sum()) == 8
+        rec = LMInputs(model)
+        out = _gen(model, inputs)
+        rec.close()
+        assert out.shape[1] == inputs.input_ids.shape[1] + 3
+        # prefill: prompt length with 8 image tokens (vs 25 unpatched)
+        assert rec.calls[0]["inputs_embeds"].shape[1] == inputs.input_ids.shape[1]
+    finally:
+        handle.remove()
+    assert int((proc(images=images[:1], text=[PROMPT], return_tensors="pt").input_ids == IMAGE).sum()) == 25
+
+
+def test_llava_features_match_reference(llava, images):
+    model, proc = llava
+    budget = 10
+    with torch.no_grad():
+        handle = apply_visionzip(model, budget=budget, processor=proc)
+        try:
+            inputs = proc(images=images, text=[PROMPT, PROMPT], return_tensors="pt")
+            store, hooks, attn = _capture_clip_layer(model)
+            out = model(**inputs)
+            for hk in hooks:
+                hk.remove()
+            ref = _oracle_from_capture(store, attn, budget, has_cls=True)
+            expected = model.model.multi_modal_projector(ref.output)
+            torch.testing.assert_close(out.image_hidden_states.view(2, budget, -1), expected, rtol=1e-5, atol=1e-6)
+            # the kept indices are exposed and agree with the oracle; CLS is kept
+            feats = model.model.get_image_features(inputs.pixel_values, return_dict=True)
+            assert torch.equal(torch.stack(feats.dominant_indices), ref.dominant_indices)
+            assert torch.equal(torch.stack(feats.contextual_indices), ref.contextual_indices)
+            assert (ref.dominant_indices[:, 0] == 0).all()
+        finally:
+            handle.remove()
+
+
+def test_llava_sdpa_and_eager_select_same_tokens(images):
+    sdpa, proc = build_llava("sdpa", seed=3)
+    eager, _ = build_llava("eager", seed=3)
+    assert sdpa.model.vision_tower.config._attn_implementation == "sdpa"
+    assert eager.model.vision_tower.config._attn_implementation == "eager"
+    pixel = proc.image_processor(images, return_tensors="pt").pixel_values
+    with torch.no_grad():
+        # the q/k scores equal the CLS row of the eager tower's own attention probabilities
+        full = eager.model.vision_tower(pixel, output_attentions=True, output_hidden_states=True)
+        cls_row = full.attentions[-2][:, :, 0, :].sum(1)
+        store, hooks, attn = _capture_clip_layer(sdpa)
+        sdpa.model.vision_tower(pixel)
+        for hk in hooks:
+            hk.remove()
+        q = store["q"].view(2, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = store["k"].view(2, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        torch.testing.assert_close(_plain_cls_scores(q[:, :, 0], k, attn.scale), cls_row, rtol=1e-4, atol=1e-6)
+        hs = apply_visionzip(sdpa, budget=12)
+        he = apply_visionzip(eager, budget=12)
+        try:
+            a = sdpa.model.get_image_features(pixel, return_dict=True)
+            b = eager.model.get_image_features(pixel, return_dict=True)
+        finally:
+            hs.remove()
+            he.remove()
+    for x, y in zip(a.kept_indices, b.kept_indices):
+        assert torch.equal(x, y)
+    torch.testing.assert_close(torch.stack(a.pooler_output), torch.stack(b.pooler_output), rtol=1e-4, atol=1e-5)
+    # and the same as the oracle on the official form (full eager attention of the selection layer)
+    ref = compress_reference(full.hidden_states[-2], full.attentions[-2], 12,
+                             keys=k.mean(1).float(), has_cls=True)
+    assert torch.equal(torch.stack(a.dominant_indices), ref.dominant_indices)
+
+
+def test_llava_batch_of_two_equals_single(llava, images):
+    model, proc = llava
+    handle = apply_visionzip(model, budget=8, processor=proc)
+    try:
+        with torch.no_grad():
+            both = model(**proc(images=images, text=[PROMPT, PROMPT], return_tensors="pt")).image_hidden_states
+            one = [model(**proc(images=[im], text=[PROMPT], return_tensors="pt")).image_hidden_states for im in images]
+        torch.testing.assert_close(both, torch.cat(one), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(one[0], one[1])
+        out = _gen(model, proc(images=images, text=[PROMPT, "USER: <image> describe it ASSISTANT:"],
+                               return_tensors="pt", padding=True))
+        assert out.shape[0] == 2
+    finally:
+        handle.remove()
+
+
+def test_llava_multi_turn_reuses_compressed_tokens(llava, images):
+    model, proc = llava
+    handle = apply_visionzip(model, budget=8, processor=proc)
+    try:
+        turn1 = proc(images=images[:1], text=[PROMPT], return_tensors="pt")
+        _gen(model, turn1)
+        turn2_text = PROMPT + " w1 w2 USER: and now describe it ASSISTANT:"
+        turn2 = proc(images=images[:1], text=[turn2_text], return_tensors="pt")
+        with torch.no_grad():
+            f1 = model(**turn1).image_hidden_states
+            f2 = model(**turn2).image_hidden_states
+        assert torch.equal(f1, f2)  # text-agnostic: the question does not change the kept tokens
+        assert int((turn2.input_ids == IMAGE).sum()) == 8
+        _gen(model, turn2)
+    finally:
+        handle.remove()
+
+
+def test_llava_remove_restores_exactly(llava, images):
+    model, proc = llava
+    inputs = proc(images=images[:1], text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**inputs).logits
+    dict_model, dict_base = dict(model.__dict__), dict(model.model.__dict__)
+    proc_dict = dict(proc.__dict__)
+    apply_visionzip(model, budget=8, processor=proc)
+    assert "get_image_features" in model.model.__dict__
+    with pytest.raises(RuntimeError, match="already applied"):
+        apply_visionzip(model, budget=8)
+    remove_visionzip(model)
+    assert model.__dict__ == dict_model and model.model.__dict__ == dict_base and proc.__dict__ == proc_dict
+    with torch.no_grad():
+        after = model(**proc(images=images[:1], text=[PROMPT], return_tensors="pt")).logits
+    assert torch.equal(before, after)
+    with pytest.raises(ValueError, match="not applied"):
+        remove_visionzip(model)
+
+
+def test_two_models_are_independent(images):
+    a, proc_a = build_llava(seed=5)
+    b, proc_b = build_llava(seed=5)
+    full_inputs = proc_b(images=images[:1], text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        ref = b(**full_inputs).logits
+        apply_visionzip(a, budget=8, processor=proc_a)
+        apply_visionzip(b, budget=12)
+        remove_visionzip(b)  # b patched and unpatched while a stays patched
+        assert torch.equal(b(**full_inputs).logits, ref)
+        out_a = a(**proc_a(images=images[:1], text=[PROMPT], return_tensors="pt"))
+        assert out_a.image_hidden_states.shape[0] == 8
+        assert type(a).get_image_features is type(b).get_image_features  # classes untouched
+        remove_visionzip(a)
+
+
+def test_mismatch_error_names_the_processor(llava, images):
+    model, proc = llava
+    handle = apply_visionzip(model, budget=8)  # processor left alone
+    try:
+        inputs = proc(images=images[:1], text=[PROMPT], return_tensors="pt")
+        with pytest.raises(ValueError, match=r"25 image placeholder tokens.*8 rows.*apply_visionzip_processor"):
+            model(**inputs)
+    finally:
+        handle.remove()
+
+
+def test_processor_patch_roundtrip_and_arguments(llava):
+    model, proc = llava
+    before = dict(proc.__dict__)
+    apply_visionzip_processor(proc, budget=16)
+    with pytest.raises(RuntimeError):
+        apply_visionzip_processor(proc, budget=16)
+    remove_visionzip_processor(proc)
+    assert proc.__dict__ == before
+    with pytest.raises(ValueError, match="dominant \\+ contextual"):
+        apply_visionzip(model, budget=64, dominant=50, contextual=10)
+    with pytest.raises(ValueError, match="contextual < budget"):
+        apply_visionzip(model, budget=8, contextual=8)
+    with pytest.raises(TypeError, match="unsupported model"):
+        apply_visionzip(torch.nn.Linear(2, 2))
+    h = apply_visionzip(model, budget=8, dominant=8)  # pure pruning: Cx = 0
+    assert (h.dominant, h.contextual) == (8, 0)
+    h.remove()
+
+
+def test_received_scores_chunked_equals_full():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 70, 8), torch.randn(2, 3, 70, 8)
+    full = (q @ k.transpose(-1, -2) * 0.3).softmax(-1).sum(dim=(1, 2))
+    torch.testing.assert_close(_plain_received_scores(q, k, 0.3, block=16), full, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen2-VL / Qwen2.5-VL
+# --------------------------------------------------------------------------------------------
+
+
+def _qwen_oracle(model, pixel_values, grid, budget):
+    """Per image: compress_reference on the merger output with scores / keys recomputed here from
+    the captured qkv of the scored block (full float64 softmax per image, 2x2 unit means)."""
+    from transformers.vision_utils import get_vision_window_index
+
+    visual = model.model.visual
+    full = getattr(visual, "fullatt_block_indexes", None)
+    block = visual.blocks[full[-1] if full else len(visual.blocks) - 1]
+    store = {}
+    hooks = [block.attn.qkv.register_forward_hook(lambda m, a, o: store.__setitem__("qkv", o)),
+             block.attn.register_forward_pre_hook(lambda m, a, kw: store.__setitem__("kw", kw), with_kwargs=True)]
+    with torch.no_grad():
+        merged = visual(pixel_values, grid_thw=grid).pooler_output
+    for hk in hooks:
+        hk.remove()
+    mod = __import__(type(block.attn).__module__, fromlist=["x"])
+    s = store["qkv"].shape[0]
+    q, k, _ = store["qkv"].reshape(s, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = store["kw"]["position_embeddings"]
+    qr, kr = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)
+    cu = store["kw"]["cu_seqlens"].tolist()
+    scores = torch.zeros(s, dtype=torch.float64)
+    for a, b in zip(cu[:-1], cu[1:]):
+        p = (qr[a:b].double().transpose(0, 1) @ kr[a:b].double().permute(1, 2, 0) * block.attn.scaling).softmax(-1)
+        scores[a:b] = p.sum(dim=(0, 1))
+    us, uk = scores.view(-1, 4).mean(1), k.double().mean(1).view(-1, 4, k.shape[-1]).mean(1)
+    if full:
+        win, _ = get_vision_window_index(grid, spatial_merge_size=2, window_size=visual.window_size, patch_size=14)
+        rev = torch.argsort(win)
+        us, uk = us[rev], uk[rev]
+    sizes = (grid.prod(-1) // 4).tolist()
+    out = []
+    for h, sc, ke in zip(merged.split(sizes), us.split(sizes), uk.split(sizes)):
+        out.append(compress_reference(h[None], sc[None].float(), budget, keys=ke[None].float(), has_cls=False)
+                   if h.shape[0] > budget else None)
+    return out, merged.split(sizes)
+
+
+@pytest.fixture(scope="module", params=["2", "2.5"])
+def qwen(request):
+    return build_qwen(request.param)
+
+
+def test_qwen_generate_features_and_positions(qwen):
+    model, proc = qwen
+    imgs = [_image(3, 100, 90), _image(4, 150, 130)]
+    texts = [QWEN_PROMPT, "USER: describe it <|vision_start|> <|image_pad|> <|vision_end|> ?"]
+    plain = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+    rec = LMInputs(model)
+    with torch.no_grad():
+        model(**plain)
+    base_pos = rec.calls[-1]["position_ids"]
+    budget = 8
+    handle = apply_visionzip(model, budget=budget, processor=proc)
+    try:
+        inputs = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+        units = (inputs.image_grid_thw.prod(-1) // 4).tolist()
+        assert units[0] > budget and units[1] > budget
+        assert [int(r.sum()) for r in (inputs.input_ids == IMAGE)] == [budget, budget]
+        with torch.no_grad():
+            model(**inputs)
+        pos = rec.calls[-1]["position_ids"]
+        embeds = rec.calls[-1]["inputs_embeds"]
+        feats = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
+        # features = oracle on independently captured tensors
+        oracle, _ = _qwen_oracle(model, inputs.pixel_values, inputs.image_grid_thw, budget)
+        for i in range(2):
+            torch.testing.assert_close(feats.pooler_output[i], oracle[i].output[0], rtol=1e-5, atol=1e-6)
+            assert torch.equal(feats.dominant_indices[i], oracle[i].dominant_indices[0])
+        # the LLM receives exactly the compressed features at the placeholders
+        for b in range(2):
+            rows = embeds[b][inputs.input_ids[b] == IMAGE]
+            torch.testing.assert_close(rows, feats.pooler_output[b], rtol=1e-5, atol=1e-6)
+        # M-RoPE: each kept token has the position of the token it stands for; text keeps its position
+        for b in range(2):
+            img_c = inputs.input_ids[b] == IMAGE
+            img_p = plain.input_ids[b] == IMAGE
+            expect_img = base_pos[-3:, b][:, img_p][:, feats.kept_indices[b]]
+            assert torch.equal(pos[-3:, b][:, img_c], expect_img)
+            txt_c = (inputs.attention_mask[b] == 1) & ~img_c
+            txt_p = (plain.attention_mask[b] == 1) & ~img_p
+            assert torch.equal(pos[-3:, b][:, txt_c], base_pos[-3:, b][:, txt_p])
+        # generate: same positions at prefill, then runs
+        rec.calls.clear()
+        out = _gen(model, inputs)
+        assert out.shape[1] == inputs.input_ids.shape[1] + 3
+        assert torch.equal(rec.calls[0]["position_ids"][-3:], pos[-3:])
+    finally:
+        rec.close()
+        handle.remove()
+
+
+def test_qwen_small_image_keeps_all_and_remove_restores(qwen):
+    model, proc = qwen
+    img = _image(5, 56, 56)  # 2x2 merged tokens <= budget: kept as is
+    inputs = proc(images=[img], text=[QWEN_PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**inputs).logits
+        handle = apply_visionzip(model, budget=8, processor=proc)
+        patched = proc(images=[img], text=[QWEN_PROMPT], return_tensors="pt")
+        assert torch.equal(patched.input_ids, inputs.input_ids)
+        torch.testing.assert_close(model(**patched).logits, before, rtol=1e-5, atol=1e-5)
+        handle.remove()
+        assert torch.equal(model(**inputs).logits, before)
+        # a patched model fed an unpatched processor's input: clear error
+        apply_visionzip(model, budget=8)
+        try:
+            with pytest.raises(ValueError, match="apply_visionzip_processor"):
+                model(**proc(images=[_image(6, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt"))
+        finally:
+            remove_visionzip(model)
+        assert torch.equal(model(**inputs).logits, before)
+
+
+def test_qwen_sdpa_and_eager_select_same_tokens(qwen):
+    model, proc = qwen
+    inputs = proc(images=[_image(4, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
+    visual = model.model.visual
+    handle = apply_visionzip(model, budget=8, processor=proc)
+    try:
+        with torch.no_grad():
+            a = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
+            visual.set_attn_implementation("eager")
+            assert visual.config._attn_implementation == "eager"
+            b = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
+    finally:
+        visual.set_attn_implementation("sdpa")
+        handle.remove()
+    assert torch.equal(a.kept_indices[0], b.kept_indices[0])
+    torch.testing.assert_close(a.pooler_output[0], b.pooler_output[0], rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# LLaVA-NeXT / LLaVA-OneVision
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("builder,has_cls", [(build_llava_next, True), (build_onevision, False)])
+def test_anyres_models(builder, has_cls):
+    model, proc = builder()
+    img = _image(7, 60, 100)
+    plain = proc(images=[img], text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        before = model(**plain).logits
+    budget = 4
+    handle = apply_visionzip(model, budget=budget, processor=proc)
+    try:
+        inputs = proc(images=[img], text=[PROMPT], return_tensors="pt")
+        crops = int(inputs.pixel_values.shape[1])
+        assert int((inputs.input_ids == IMAGE).sum()) == crops * budget + 1 < int((plain.input_ids == IMAGE).sum())
+        store, hooks, attn = _capture_clip_layer(model)
+        with torch.no_grad():
+            out = model(**inputs)
+        for hk in hooks:
+            hk.remove()
+        ref = _oracle_from_capture(store, attn, budget, has_cls=has_cls)  # one row per crop
+        expected = model.model.multi_modal_projector(ref.output).flatten(0, 1)
+        feats = out.image_hidden_states
+        torch.testing.assert_close(feats[:-1], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(feats[-1], model.model.image_newline.to(feats))  # trailing newline
+        assert _gen(model, inputs).shape[1] == inputs.input_ids.shape[1] + 3
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert torch.equal(model(**plain).logits, before)

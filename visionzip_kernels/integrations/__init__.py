@@ -1,0 +1,27 @@
+"""Integrations of VisionZip into model libraries.
+
+``visionzip_kernels.integrations.transformers`` patches loaded Hugging Face ``transformers``
+vision-language models (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) so that the
+language model receives ``budget`` visual tokens per image (per crop) instead of all of them.
+It is imported lazily: ``import visionzip_kernels`` never imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "VisionZipHandle",
+    "apply_visionzip",
+    "apply_visionzip_processor",
+    "remove_visionzip",
+    "remove_visionzip_processor",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from . import transformers as _hf
+
+        return getattr(_hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,17 +34,18 @@
 #include <cuda_runtime.h>
 #define VZ_HD __host__ __device__ __forceinline__
 #define VZ_DEVICE __device__ __forceinline__
-#define VZ_KERNEL(threads) __global__ void __launch_bounds__(threads)
+#define VZ_KERNEL(threads, min_blocks) __global__ void __launch_bounds__(threads, min_blocks)
 #else  // host emulation: the including file defines threadIdx, __syncthreads, __shfl_xor_sync, ...
 #define VZ_HD inline
 #define VZ_DEVICE inline
-#define VZ_KERNEL(threads) void
+#define VZ_KERNEL(threads, min_blocks) void
 #endif
 
 namespace visionzip {
 namespace cuda_kernel {
 
 constexpr int kThreads = 512;         // main kernel: threads per block (one block per image)
+constexpr int kMinBlocks = 2;         // main kernel: <= 64 registers, two images per SM
 constexpr int kPartialThreads = 256;  // score pre-pass: threads per block
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kCachedMetric = 4;  // metric elements per lane kept in registers during assignment
@@ -264,7 +265,7 @@ VZ_DEVICE void column_sums(const attn_t* a, int64_t stride_h, int64_t stride_q, 
 
 // Pre-pass for received attention: block (b, s) sums rows [s*HQ/S, (s+1)*HQ/S) of image b.
 template <typename attn_t>
-VZ_KERNEL(kPartialThreads) score_partials_kernel(const CompressParams p) {
+VZ_KERNEL(kPartialThreads, 1) score_partials_kernel(const CompressParams p) {
   const int slices = p.partial_slices, n = p.tokens;
   const int b = int(blockIdx.x) / slices, s = int(blockIdx.x) % slices;
   const int64_t rows = int64_t(p.heads) * p.queries;
@@ -365,7 +366,7 @@ VZ_DEVICE void segment_means(const scalar_t* hid, scalar_t* out, const int* orde
 VZ_DEVICE bool is_target_position(int pos, int step, int cx) { return pos % step == 0 && pos / step < cx; }
 
 template <typename scalar_t, typename attn_t, typename metric_t>
-VZ_KERNEL(kThreads) compress_kernel(const CompressParams p) {
+VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
 #if defined(__CUDACC__)
   extern __shared__ __align__(16) unsigned char smem[];
 #else
@@ -523,7 +524,7 @@ VZ_KERNEL(kThreads) compress_kernel(const CompressParams p) {
 // Launches the pass on `stream` (no host synchronisation). p.partial_slices, p.score_partials and
 // p.target_scratch must follow `plan`; returns the first launch error.
 template <typename scalar_t, typename attn_t, typename metric_t>
-inline cudaError_t launch_compress(const CompressParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+cudaError_t launch_compress(const CompressParams& p, const LaunchPlan& plan, cudaStream_t stream) {
   if (p.batch == 0) return cudaSuccess;
   if (p.partial_slices > 1) {
     score_partials_kernel<attn_t><<<unsigned(p.batch) * unsigned(p.partial_slices), kPartialThreads, 0, stream>>>(p);
@@ -539,6 +540,17 @@ inline cudaError_t launch_compress(const CompressParams& p, const LaunchPlan& pl
   kernel<<<unsigned(p.batch), kThreads, plan.smem_bytes, stream>>>(p);
   return cudaGetLastError();
 }
+#endif
+
+// Element types of the kernel's tensors.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+#if defined(__CUDACC__) || defined(VZ_DECLARE_LAUNCH)
+// Defined in compress_kernel.cu (the only translation unit with device code): launches the
+// instantiation for (hidden, attn, metric) dtypes. attn and metric are hidden's dtype or float32;
+// returns cudaErrorInvalidValue for any other combination.
+cudaError_t launch_compress_dtypes(DType hidden, DType attn, DType metric, const CompressParams& p,
+                                   const LaunchPlan& plan, cudaStream_t stream);
 #endif
 
 }  // namespace cuda_kernel

@@ -212,14 +212,17 @@ VZ_DEVICE ScanResult block_count(bool flag, int* warp_sums) {
 
 // ---- scores ----
 
+// Bitwise, so the NaN rules hold even under fast-math flags.
+VZ_DEVICE bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+
 // Larger keys rank first. NaN -> 0 (below -inf, whose key is 0x007fffff...), -0.0 -> +0.0, and
 // the low word N-1-j makes equal scores rank by ascending index.
 VZ_DEVICE uint64_t make_key(float s, int j, int n) {
   uint32_t u = __float_as_uint(s);
-  if (s != s) {
+  if (is_nan(s)) {
     u = 0u;
   } else {
-    if ((u << 1) == 0u) u = 0u;  // bitwise, so it survives fast-math flags
+    if ((u << 1) == 0u) u = 0u;  // -0.0 -> +0.0
     u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
   }
   return (uint64_t(u) << 32) | uint32_t(n - 1 - j);
@@ -469,7 +472,7 @@ VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
           if (lane + 32 * k < cm) acc = fmaf(xc[k], th[lane + 32 * k], acc);
         for (int i = lane + 32 * kCachedMetric; i < cm; i += 32) acc = fmaf(to_float(x[i]), th[i], acc);
         const float s = warp_sum(acc);  // identical in every lane: the decision is warp-uniform
-        if (t == 0 || (!(s != s) && (best_s != best_s || s > best_s))) best = t, best_s = s;
+        if (t == 0 || (!is_nan(s) && (is_nan(best_s) || s > best_s))) best = t, best_s = s;
       }
     }
     if (lane == 0) {

@@ -1,0 +1,560 @@
+// Hand-written CUDA kernel of visionzip::compress (SPEC 1-3), on raw pointers: no torch headers,
+// so it compiles with plain nvcc and (with tests/cuda_emulation/host_emulation.h providing the CUDA
+// built-ins) as host C++, which is how the block algorithm is tested without a GPU.
+//
+// One thread block per image does the whole pass in shared memory:
+//   1. scores: column sums of the (B, H, Q, N) attention view over heads (and queries), float32,
+//      in a fixed h-then-q order per column (16-byte loads where aligned). For received attention
+//      with few images, a pre-pass kernel (score_partials_kernel) splits the H*Q rows over several
+//      blocks per image and the main kernel adds the slices in slice order (still deterministic);
+//   2. top-D: radix select (8 passes of 8 bits) of the D-th largest packed 64-bit key
+//      (orderable float bits << 32 | (N-1-index)): keys are distinct, so "key >= threshold" keeps
+//      exactly D tokens, with NaN below every number, -0.0 == +0.0, and ties to the lower index;
+//   3. ordered gather: a block-wide ballot scan keeps the dominant tokens in ascending index and
+//      the remaining ones in original order; dominant rows are copied to the output;
+//   4. targets at remaining positions 0, step, ...; their metric rows are L2-normalised
+//      (x / max(|x|, 1e-12)) into shared memory (or a global scratch when they do not fit);
+//   5. assignment: one warp per remaining token, warp-shuffle dot products against every target,
+//      argmax with ties to the lower target and NaN lowest (the token's own norm is a positive
+//      factor and is skipped, as in the C++ CPU kernel);
+//   6. segmented mean: stable per-target member lists (ballot compaction, ascending token order),
+//      then hidden[target] + sum(members) / max(count, 1) in float32, written in hidden's dtype.
+// Every value is produced by one thread in a fixed order: results are bit-identical run to run.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#include <cuda_runtime.h>
+#define VZ_HD __host__ __device__ __forceinline__
+#define VZ_DEVICE __device__ __forceinline__
+#define VZ_KERNEL(threads, min_blocks) __global__ void __launch_bounds__(threads, min_blocks)
+#else  // host emulation: the including file defines threadIdx, __syncthreads, __shfl_xor_sync, ...
+#define VZ_HD inline
+#define VZ_DEVICE inline
+#define VZ_KERNEL(threads, min_blocks) void
+#endif
+
+namespace visionzip {
+namespace cuda_kernel {
+
+constexpr int kThreads = 512;         // main kernel: threads per block (one block per image)
+constexpr int kMinBlocks = 2;         // main kernel: <= 64 registers, two images per SM
+constexpr int kPartialThreads = 256;  // score pre-pass: threads per block
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kCachedMetric = 4;  // metric elements per lane kept in registers during assignment
+
+// Everything the kernels read or write. Pointers are to device memory; element strides.
+struct CompressParams {
+  const void* hidden;  // (B, N, C) contiguous, scalar_t
+  const void* attn;    // (B, H, Q, N) view, last stride 1, attn_t
+  int64_t attn_stride_b, attn_stride_h, attn_stride_q;
+  const void* metric;  // (B, N, Cm) contiguous, metric_t (keys, or hidden itself)
+  float* score_partials;  // (B, S, N) float32 column sums of row slices, or nullptr (S == 1)
+  float* target_scratch;  // (B, Cx, Cm) float32 when the normalised targets do not fit in shared memory
+  void* out;              // (B, D + Cx, C) scalar_t
+  int64_t* dominant;      // (B, D)
+  int64_t* targets;       // (B, Cx)
+  int64_t* token_map;     // (B, N)
+  int batch, tokens, channels, metric_dim, heads, queries;
+  int dominant_count, contextual, step, partial_slices;
+  bool has_cls;
+};
+
+// Dynamic shared memory of the main kernel (byte offsets). The keys area is reused after the
+// selection for the per-token labels (first 4N bytes) and the member lists (next 4N bytes).
+struct SmemLayout {
+  size_t hist, warp_sums, misc, keys, order, offsets, targets, total;
+};
+
+VZ_HD size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+VZ_HD SmemLayout smem_layout(int n, int cx, int cm, bool targets_in_smem) {
+  SmemLayout l;
+  l.hist = 0;                        // int[256] radix histogram
+  l.warp_sums = l.hist + 256 * 4;    // int[32] per-warp counts of the block scan
+  l.misc = l.warp_sums + 32 * 4;     // uint64[2] radix select state
+  l.keys = align_up(l.misc + 2 * 8, 16);  // uint64[N] sort keys | int[N] labels + int[N] members
+  l.order = l.keys + size_t(n) * 8;  // int[N]: remaining tokens (R), then dominant tokens (D)
+  l.offsets = l.order + size_t(n) * 4;  // int[Cx + 1] member list offsets
+  l.targets = align_up(l.offsets + (size_t(cx) + 1) * 4, 16);  // float[Cx * Cm] normalised targets
+  l.total = l.targets + (targets_in_smem ? size_t(cx) * size_t(cm) * 4 : 0);
+  return l;
+}
+
+struct LaunchPlan {
+  bool ok = false;            // false: the shape exceeds the kernel's shared-memory limit
+  size_t smem_bytes = 0;      // dynamic shared memory of the main kernel
+  size_t smem_needed = 0;     // minimum the shape needs (for the error message)
+  bool targets_in_smem = false;
+  int partial_slices = 1;     // row slices per image of the received-attention pre-pass
+};
+
+// Host-side launch geometry, shared by the torch binding and the emulation tests.
+inline LaunchPlan plan_compress(int batch, int n, int cx, int cm, int heads, int queries, size_t smem_limit,
+                                int num_sms) {
+  LaunchPlan plan;
+  plan.smem_needed = smem_layout(n, cx, cm, false).total;
+  if (plan.smem_needed > smem_limit) return plan;
+  plan.ok = true;
+  const size_t with_targets = smem_layout(n, cx, cm, true).total;
+  plan.targets_in_smem = cx > 0 && with_targets <= smem_limit;
+  plan.smem_bytes = plan.targets_in_smem ? with_targets : plan.smem_needed;
+  if (queries > 1 && batch > 0) {
+    // Received attention reads H*N*N values per image: spread them over ~4 blocks per SM,
+    // at least 32 rows per slice.
+    const int64_t rows = int64_t(heads) * queries;
+    const int64_t want = (4 * int64_t(num_sms) + batch - 1) / batch;
+    const int64_t most = rows / 32 > 1 ? rows / 32 : 1;
+    plan.partial_slices = int(want < 1 ? 1 : (want > most ? most : want));
+  }
+  return plan;
+}
+
+// ---- element conversions and 16-byte vector loads ----
+
+VZ_DEVICE float to_float(float x) { return x; }
+VZ_DEVICE float to_float(__half x) { return __half2float(x); }
+VZ_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+VZ_DEVICE T from_float(float x);
+template <>
+VZ_DEVICE float from_float<float>(float x) { return x; }
+template <>
+VZ_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+VZ_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+constexpr int vec_size() { return int(16 / sizeof(T)); }
+
+VZ_DEVICE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// V consecutive elements as floats; V > 1 needs a 16-byte aligned p (V == 16 / sizeof(T)).
+template <int V, typename T>
+VZ_DEVICE void load_floats(const T* p, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_float(p[0]);
+  } else {
+    static_assert(V * sizeof(T) == 16, "vector loads are 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    T e[V];
+    memcpy(e, &raw, 16);
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = to_float(e[i]);
+  }
+}
+
+template <int V, typename T>
+VZ_DEVICE void store_floats(T* p, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    p[0] = from_float<T>(in[0]);
+  } else {
+    T e[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) e[i] = from_float<T>(in[i]);
+    uint4 raw;
+    memcpy(&raw, e, 16);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
+// ---- warp and block helpers (every lane of the warp / thread of the block must call them) ----
+
+VZ_DEVICE int lane_id() { return int(threadIdx.x) & 31; }
+VZ_DEVICE int warp_id() { return int(threadIdx.x) >> 5; }
+
+// XOR butterfly: each step adds the same two values in every lane of a pair (a + b == b + a),
+// so all lanes end with the bit-identical sum.
+VZ_DEVICE float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+VZ_DEVICE int warp_inclusive_scan(int v) {
+  const int lane = lane_id();
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(kFullMask, v, o);
+    if (lane >= o) v += u;
+  }
+  return v;
+}
+
+struct ScanResult {
+  int before;  // flags set in lower threads of the block
+  int total;   // flags set in the block
+};
+
+// Block-wide exclusive count of a flag. Contains two __syncthreads.
+VZ_DEVICE ScanResult block_count(bool flag, int* warp_sums) {
+  const int lane = lane_id(), warp = warp_id(), nwarps = int(blockDim.x) >> 5;
+  const unsigned bal = __ballot_sync(kFullMask, flag);
+  if (lane == 0) warp_sums[warp] = __popc(bal);
+  __syncthreads();
+  ScanResult r{__popc(bal & ((1u << lane) - 1u)), 0};
+  for (int w = 0; w < nwarps; ++w) {
+    const int c = warp_sums[w];
+    if (w < warp) r.before += c;
+    r.total += c;
+  }
+  __syncthreads();  // warp_sums is rewritten by the next call
+  return r;
+}
+
+// ---- scores ----
+
+// Bitwise, so the NaN rules hold even under fast-math flags.
+VZ_DEVICE bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
+
+// Larger keys rank first. NaN -> 0 (below -inf, whose key is 0x007fffff...), -0.0 -> +0.0, and
+// the low word N-1-j makes equal scores rank by ascending index.
+VZ_DEVICE uint64_t make_key(float s, int j, int n) {
+  uint32_t u = __float_as_uint(s);
+  if (is_nan(s)) {
+    u = 0u;
+  } else {
+    if ((u << 1) == 0u) u = 0u;  // -0.0 -> +0.0
+    u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  }
+  return (uint64_t(u) << 32) | uint32_t(n - 1 - j);
+}
+
+// Column sums over rows [row0, row1) of the (H, Q) rows of one image (h outer, q inner), one
+// column (or 16-byte vector of columns) per thread; emit(j, sum) for every column j < n.
+template <typename attn_t, typename Emit>
+VZ_DEVICE void column_sums(const attn_t* a, int64_t stride_h, int64_t stride_q, int queries, int64_t row0,
+                           int64_t row1, int n, Emit emit) {
+  constexpr int V = vec_size<attn_t>();
+  const bool vec_ok = aligned16(a) && stride_h % V == 0 && stride_q % V == 0;
+  const int nvec = vec_ok ? n / V : 0;
+  const int items = nvec + (n - nvec * V);
+  const int h0 = int(row0 / queries), q0 = int(row0 % queries);
+  for (int item = int(threadIdx.x); item < items; item += int(blockDim.x)) {
+    if (item < nvec) {
+      float acc[V];
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+      int h = h0, q = q0;
+      for (int64_t row = row0; row < row1; ++row) {
+        float x[V];
+        load_floats<V>(a + h * stride_h + q * stride_q + int64_t(item) * V, x);
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] += x[i];
+        if (++q == queries) q = 0, ++h;
+      }
+#pragma unroll
+      for (int i = 0; i < V; ++i) emit(item * V + i, acc[i]);
+    } else {
+      const int j = nvec * V + (item - nvec);
+      float acc = 0.0f;
+      int h = h0, q = q0;
+      for (int64_t row = row0; row < row1; ++row) {
+        acc += to_float(a[h * stride_h + q * stride_q + j]);
+        if (++q == queries) q = 0, ++h;
+      }
+      emit(j, acc);
+    }
+  }
+}
+
+// Pre-pass for received attention: block (b, s) sums rows [s*HQ/S, (s+1)*HQ/S) of image b.
+template <typename attn_t>
+VZ_KERNEL(kPartialThreads, 1) score_partials_kernel(const CompressParams p) {
+  const int slices = p.partial_slices, n = p.tokens;
+  const int b = int(blockIdx.x) / slices, s = int(blockIdx.x) % slices;
+  const int64_t rows = int64_t(p.heads) * p.queries;
+  const int64_t row0 = rows * s / slices, row1 = rows * (s + 1) / slices;
+  const attn_t* a = static_cast<const attn_t*>(p.attn) + b * p.attn_stride_b;
+  float* dst = p.score_partials + (int64_t(b) * slices + s) * n;
+  column_sums(a, p.attn_stride_h, p.attn_stride_q, p.queries, row0, row1, n, [&](int j, float v) { dst[j] = v; });
+}
+
+// ---- main kernel stages ----
+
+// The D-th largest key (all keys distinct); every thread returns it. Contains __syncthreads.
+VZ_DEVICE uint64_t select_threshold(const uint64_t* keys, int n, int d, int* hist, uint64_t* misc) {
+  if (d == 0) return ~uint64_t(0);  // above every key: nothing kept
+  const int tid = int(threadIdx.x), nthreads = int(blockDim.x), lane = lane_id();
+  uint64_t prefix = 0, mask = 0;
+  int want = d;  // rank of the threshold among the keys matching prefix on mask, from the top
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = tid; i < 256; i += nthreads) hist[i] = 0;
+    __syncthreads();
+    for (int j = tid; j < n; j += nthreads) {
+      const uint64_t k = keys[j];
+      if ((k & mask) == prefix) atomicAdd(&hist[int((k >> shift) & 0xffu)], 1);
+    }
+    __syncthreads();
+    if (warp_id() == 0) {
+      // Lane L owns digits 255-8L down to 248-8L: a scan over lanes counts from the top.
+      int cnt[8], lane_total = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) lane_total += (cnt[i] = hist[255 - 8 * lane - i]);
+      const int incl = warp_inclusive_scan(lane_total);
+      int cum = incl - lane_total;
+      if (cum < want && want <= incl) {
+        for (int i = 0; i < 8; ++i) {
+          if (cum + cnt[i] >= want) {
+            misc[0] = prefix | (uint64_t(255 - 8 * lane - i) << shift);
+            misc[1] = uint64_t(want - cum);
+            break;
+          }
+          cum += cnt[i];
+        }
+      }
+    }
+    __syncthreads();
+    prefix = misc[0];
+    want = int(misc[1]);
+    mask |= uint64_t(0xff) << shift;
+    // misc is next written after two more __syncthreads, hist after one: no barrier needed here.
+  }
+  return prefix;
+}
+
+// out rows [0, rows) = hidden rows src[0..rows), raw copies (16 bytes at a time when aligned).
+template <typename scalar_t>
+VZ_DEVICE void copy_rows(const scalar_t* hid, scalar_t* out, const int* src, int rows, int c, bool vec_ok) {
+  if (vec_ok) {
+    constexpr int V = vec_size<scalar_t>();
+    const int units = c / V;
+    for (int item = int(threadIdx.x); item < rows * units; item += int(blockDim.x)) {
+      const int i = item / units, u = item % units;
+      const uint4* s = reinterpret_cast<const uint4*>(hid + int64_t(src[i]) * c) + u;
+      reinterpret_cast<uint4*>(out + int64_t(i) * c)[u] = *s;
+    }
+  } else {
+    for (int item = int(threadIdx.x); item < rows * c; item += int(blockDim.x)) {
+      const int i = item / c, u = item % c;
+      out[int64_t(i) * c + u] = hid[int64_t(src[i]) * c + u];
+    }
+  }
+}
+
+// contextual row t = hidden[target t] + sum(members) / max(count, 1), V channels per work item.
+template <int V, typename scalar_t>
+VZ_DEVICE void segment_means(const scalar_t* hid, scalar_t* out, const int* order, const int* members,
+                             const int* offsets, int cx, int step, int c) {
+  const int units = c / V;
+  for (int item = int(threadIdx.x); item < cx * units; item += int(blockDim.x)) {
+    const int t = item / units, u = item % units;
+    const int m0 = offsets[t], m1 = offsets[t + 1];
+    float acc[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[i] = 0.0f;
+    for (int m = m0; m < m1; ++m) {  // ascending token order, as the CPU kernel
+      float x[V];
+      load_floats<V>(hid + int64_t(order[members[m]]) * c + int64_t(u) * V, x);
+#pragma unroll
+      for (int i = 0; i < V; ++i) acc[i] += x[i];
+    }
+    const float cnt = float(m1 - m0 > 1 ? m1 - m0 : 1);
+    float y[V];
+    load_floats<V>(hid + int64_t(order[t * step]) * c + int64_t(u) * V, y);
+#pragma unroll
+    for (int i = 0; i < V; ++i) y[i] = y[i] + acc[i] / cnt;
+    store_floats<V>(out + int64_t(t) * c + int64_t(u) * V, y);
+  }
+}
+
+VZ_DEVICE bool is_target_position(int pos, int step, int cx) { return pos % step == 0 && pos / step < cx; }
+
+template <typename scalar_t, typename attn_t, typename metric_t>
+VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
+#if defined(__CUDACC__)
+  extern __shared__ __align__(16) unsigned char smem[];
+#else
+  unsigned char* smem = vz_emulation_dynamic_smem();
+#endif
+  const int b = int(blockIdx.x), tid = int(threadIdx.x), nthreads = int(blockDim.x);
+  const int lane = lane_id(), warp = warp_id(), nwarps = nthreads >> 5;
+  const int n = p.tokens, c = p.channels, cm = p.metric_dim, d = p.dominant_count, cx = p.contextual;
+  const int r = n - d, step = p.step;
+  const SmemLayout L = smem_layout(n, cx, cm, p.target_scratch == nullptr);
+  int* hist = reinterpret_cast<int*>(smem + L.hist);
+  int* warp_sums = reinterpret_cast<int*>(smem + L.warp_sums);
+  uint64_t* misc = reinterpret_cast<uint64_t*>(smem + L.misc);
+  uint64_t* keys = reinterpret_cast<uint64_t*>(smem + L.keys);
+  int* order = reinterpret_cast<int*>(smem + L.order);
+
+  const scalar_t* hid = static_cast<const scalar_t*>(p.hidden) + int64_t(b) * n * c;
+  const metric_t* met = static_cast<const metric_t*>(p.metric) + int64_t(b) * n * cm;
+  scalar_t* out = static_cast<scalar_t*>(p.out) + int64_t(b) * (d + cx) * c;
+  int64_t* dom_out = p.dominant + int64_t(b) * d;
+  int64_t* map_out = p.token_map + int64_t(b) * n;
+  const bool rows_vec_ok = (c * int(sizeof(scalar_t))) % 16 == 0 && aligned16(p.hidden) && aligned16(p.out);
+
+  // 1. Scores -> packed keys. The CLS token scores +inf, and wins ties by its index: always kept.
+  auto emit_key = [&](int j, float s) { keys[j] = make_key((p.has_cls && j == 0) ? INFINITY : s, j, n); };
+  if (p.score_partials != nullptr) {
+    const float* part = p.score_partials + int64_t(b) * p.partial_slices * n;
+    for (int j = tid; j < n; j += nthreads) {
+      float s = 0.0f;
+      for (int sl = 0; sl < p.partial_slices; ++sl) s += part[int64_t(sl) * n + j];
+      emit_key(j, s);
+    }
+  } else {
+    const attn_t* a = static_cast<const attn_t*>(p.attn) + int64_t(b) * p.attn_stride_b;
+    column_sums(a, p.attn_stride_h, p.attn_stride_q, p.queries, 0, int64_t(p.heads) * p.queries, n, emit_key);
+  }
+  __syncthreads();
+
+  // 2. Threshold of the top D.
+  const uint64_t thr = (d == n) ? uint64_t(0) : select_threshold(keys, n, d, hist, misc);
+
+  // 3. Ordered compaction: order[0, R) remaining tokens, order[R, N) dominant tokens, ascending.
+  int kept_before = 0;
+  for (int base = 0; base < n; base += nthreads) {
+    const int j = base + tid;
+    const bool valid = j < n;
+    const bool kept = valid && keys[j] >= thr;
+    const ScanResult s = block_count(kept, warp_sums);
+    if (valid) {
+      const int pos = kept_before + s.before;  // dominant tokens before j
+      if (kept) {
+        order[r + pos] = j;
+        dom_out[pos] = j;
+        map_out[j] = pos;
+      } else {
+        order[j - pos] = j;
+      }
+    }
+    kept_before += s.total;
+  }
+  __syncthreads();  // keys are dead from here on; their area holds labels and member lists
+  copy_rows(hid, out, order + r, d, c, rows_vec_ok);
+  if (cx == 0) {
+    for (int i = tid; i < r; i += nthreads) map_out[order[i]] = -1;
+    return;
+  }
+
+  // 4. Targets and their normalised metric rows.
+  float* that = p.target_scratch == nullptr ? reinterpret_cast<float*>(smem + L.targets)
+                                            : p.target_scratch + int64_t(b) * cx * cm;
+  for (int t = tid; t < cx; t += nthreads) p.targets[int64_t(b) * cx + t] = order[t * step];
+  for (int t = warp; t < cx; t += nwarps) {
+    const metric_t* x = met + int64_t(order[t * step]) * cm;
+    float ss = 0.0f;
+    for (int i = lane; i < cm; i += 32) {
+      const float v = to_float(x[i]);
+      ss = fmaf(v, v, ss);
+    }
+    const float inv = 1.0f / fmaxf(sqrtf(warp_sum(ss)), 1e-12f);
+    for (int i = lane; i < cm; i += 32) that[int64_t(t) * cm + i] = to_float(x[i]) * inv;
+  }
+  __syncthreads();
+
+  // 5. Assignment: argmax_t <x, t_hat>, ties to the lower t, NaN lowest. One warp per token.
+  int* label = reinterpret_cast<int*>(smem + L.keys);
+  int* members = label + n;
+  for (int pos = warp; pos < r; pos += nwarps) {
+    int best = pos / step;
+    if (!is_target_position(pos, step, cx)) {
+      const metric_t* x = met + int64_t(order[pos]) * cm;
+      float xc[kCachedMetric];
+#pragma unroll
+      for (int k = 0; k < kCachedMetric; ++k) xc[k] = lane + 32 * k < cm ? to_float(x[lane + 32 * k]) : 0.0f;
+      float best_s = 0.0f;
+      for (int t = 0; t < cx; ++t) {
+        const float* th = that + int64_t(t) * cm;
+        float acc = 0.0f;
+#pragma unroll
+        for (int k = 0; k < kCachedMetric; ++k)
+          if (lane + 32 * k < cm) acc = fmaf(xc[k], th[lane + 32 * k], acc);
+        for (int i = lane + 32 * kCachedMetric; i < cm; i += 32) acc = fmaf(to_float(x[i]), th[i], acc);
+        const float s = warp_sum(acc);  // identical in every lane: the decision is warp-uniform
+        if (t == 0 || (!is_nan(s) && (is_nan(best_s) || s > best_s))) best = t, best_s = s;
+      }
+    }
+    if (lane == 0) {
+      label[pos] = best;
+      map_out[order[pos]] = d + best;
+    }
+  }
+  int* offsets = reinterpret_cast<int*>(smem + L.offsets);
+  __syncthreads();
+
+  // 6. Segmented mean. Member counts (targets excluded), their prefix sums, then stable lists.
+  for (int t = warp; t < cx; t += nwarps) {
+    int count = 0;
+    for (int p0 = 0; p0 < r; p0 += 32) {
+      const int pos = p0 + lane;
+      const bool m = pos < r && label[pos] == t && !is_target_position(pos, step, cx);
+      count += __popc(__ballot_sync(kFullMask, m));
+    }
+    if (lane == 0) offsets[t + 1] = count;
+  }
+  if (tid == 0) offsets[0] = 0;
+  __syncthreads();
+  if (warp == 0) {
+    int carry = 0;
+    for (int c0 = 1; c0 <= cx; c0 += 32) {
+      const int i = c0 + lane;
+      const int incl = warp_inclusive_scan(i <= cx ? offsets[i] : 0);
+      if (i <= cx) offsets[i] = carry + incl;
+      carry += __shfl_sync(kFullMask, incl, 31);
+    }
+  }
+  __syncthreads();
+  for (int t = warp; t < cx; t += nwarps) {
+    int at = offsets[t];
+    for (int p0 = 0; p0 < r; p0 += 32) {
+      const int pos = p0 + lane;
+      const bool m = pos < r && label[pos] == t && !is_target_position(pos, step, cx);
+      const unsigned bal = __ballot_sync(kFullMask, m);
+      if (m) members[at + __popc(bal & ((1u << lane) - 1u))] = pos;
+      at += __popc(bal);
+    }
+  }
+  __syncthreads();
+  if (rows_vec_ok) {
+    segment_means<vec_size<scalar_t>()>(hid, out + int64_t(d) * c, order, members, offsets, cx, step, c);
+  } else {
+    segment_means<1>(hid, out + int64_t(d) * c, order, members, offsets, cx, step, c);
+  }
+}
+
+#if defined(__CUDACC__)
+// Launches the pass on `stream` (no host synchronisation). p.partial_slices, p.score_partials and
+// p.target_scratch must follow `plan`; returns the first launch error.
+template <typename scalar_t, typename attn_t, typename metric_t>
+cudaError_t launch_compress(const CompressParams& p, const LaunchPlan& plan, cudaStream_t stream) {
+  if (p.batch == 0) return cudaSuccess;
+  if (p.partial_slices > 1) {
+    score_partials_kernel<attn_t><<<unsigned(p.batch) * unsigned(p.partial_slices), kPartialThreads, 0, stream>>>(p);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  auto kernel = compress_kernel<scalar_t, attn_t, metric_t>;
+  if (plan.smem_bytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<unsigned(p.batch), kThreads, plan.smem_bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+#endif
+
+// Element types of the kernel's tensors.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+#if defined(__CUDACC__) || defined(VZ_DECLARE_LAUNCH)
+// Defined in compress_kernel.cu (the only translation unit with device code): launches the
+// instantiation for (hidden, attn, metric) dtypes. attn and metric are hidden's dtype or float32;
+// returns cudaErrorInvalidValue for any other combination.
+cudaError_t launch_compress_dtypes(DType hidden, DType attn, DType metric, const CompressParams& p,
+                                   const LaunchPlan& plan, cudaStream_t stream);
+#endif
+
+}  // namespace cuda_kernel
+}  // namespace visionzip

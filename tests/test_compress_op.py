@@ -276,3 +276,9 @@ def test_hidden_gradient_matches_reference_autograd(backend, has_cls, contextual
     torch.testing.assert_close(grads[0], grads[2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grads[1], grads[2], rtol=1e-12, atol=1e-12)
     assert grads[0].abs().sum() > 0
+
+
+def test_float64_backends_are_filtered():
+    assert vz.available_backends("cpu", torch.float64)[:2] == ["cpu", "reference"]
+    cuda = vz.available_backends("cuda", torch.float64)
+    assert "cuda" not in cuda and "triton" not in cuda and cuda[-1] == "reference"

@@ -18,12 +18,27 @@ def _triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def available_backends(device: Union[torch.device, str, None] = None) -> list[str]:
+#: Backends whose kernels do not take float64 hidden states (they raise a clear error).
+_NO_FLOAT64 = ("triton", "cuda")
+
+
+def available_backends(
+    device: Union[torch.device, str, None] = None, dtype: Optional[torch.dtype] = None
+) -> list[str]:
     """Backends that can run on ``device`` (default: cuda if available, else cpu), fastest first.
 
     cpu: ["cpu", "reference"] (+ "triton" under ``TRITON_INTERPRET=1``, for testing);
     cuda: ["cuda" if the extension has CUDA kernels, "triton" if triton is installed, "reference"].
+    With ``dtype`` (hidden's dtype), backends that do not support it are left out (float64 runs on
+    "cpu" and "reference" only).
     """
+    names = _device_backends(device)
+    if dtype == torch.float64:
+        names = [n for n in names if n not in _NO_FLOAT64]
+    return names
+
+
+def _device_backends(device: Union[torch.device, str, None]) -> list[str]:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -80,14 +95,15 @@ def compress(
         Cx contextual rows; or a :class:`CompressResult` when ``return_indices``.
     """
     plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
-    names = available_backends(hidden.device)
+    names = available_backends(hidden.device, hidden.dtype)
     if backend is None:
         backend = names[0]
     elif backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None; got {backend!r}")
     elif backend not in names:
         raise ValueError(
-            f"backend {backend!r} is not available for tensors on {hidden.device}; available: {names}"
+            f"backend {backend!r} is not available for {hidden.dtype} tensors on {hidden.device}; "
+            f"available: {names}"
         )
     if backend == "reference":
         result = compress_reference_from_plan(plan, hidden, attn, keys)

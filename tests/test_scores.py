@@ -14,6 +14,7 @@ bfloat16 values are exact in float32: rounding q, k to bfloat16 changes the scor
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -200,8 +201,10 @@ def test_hf_clip_sdpa_hooks_give_eager_attention_scores():
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=56, patch_size=14
     )
     torch.manual_seed(0)
-    eager = transformers.CLIPVisionModel._from_config(cfg, attn_implementation="eager").eval()
-    sdpa = transformers.CLIPVisionModel._from_config(cfg, attn_implementation="sdpa").eval()
+    # One config object each: _from_config records the attention implementation in the config.
+    eager = transformers.CLIPVisionModel._from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
+    sdpa = transformers.CLIPVisionModel._from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    assert eager.config._attn_implementation == "eager" and sdpa.config._attn_implementation == "sdpa"
     sdpa.load_state_dict(eager.state_dict())
     pixels = torch.randn(2, 3, 56, 56)
     layer = getattr(sdpa, "vision_model", sdpa).encoder.layers[-2].self_attn  # transformers 4 / 5 layouts

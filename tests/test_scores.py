@@ -272,7 +272,7 @@ def test_torch_compile_fullgraph(backend):
     keys = k.mean(1)
     cu = torch.tensor([0, 50, 130], dtype=torch.int32)
     for fn, args in ((cls_pipeline, (hidden, q, k, keys)), (received_pipeline, (hidden, q, k, keys, cu))):
-        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(fn, fullgraph=True)  # inductor; the custom ops stay opaque calls
         torch.testing.assert_close(compiled(*args), fn(*args), rtol=0, atol=0)
 
 

@@ -28,4 +28,14 @@ TORCH_LIBRARY(visionzip, m) {
       "compress_with_indices(Tensor hidden, Tensor attn, int k, *, Tensor? keys=None, int? contextual=None, "
       "bool has_cls=True) -> (Tensor output, Tensor dominant_indices, Tensor contextual_indices, "
       "Tensor token_map)");
+  // Attention scores without the N x N matrix (SPEC 4). q, k in one floating dtype; the result is
+  // float32 (float64 for float64 inputs). scale defaults to 1/sqrt(d).
+  //   cls_scores: q (B, H, d) the CLS query of every head, k (B, H, N, d) -> (B, N):
+  //     sum over heads of softmax(q . k^T * scale).
+  //   received_scores: q, k (B, H, N, d) (same N: self-attention) -> (B, N): sum over heads and
+  //     queries of softmax(Q K^T * scale), column by column, in two streaming passes. cu_seqlens
+  //     (S+1,) int32/int64, 0 = c_0 <= c_1 <= ... <= c_S = N: tokens attend only inside their
+  //     segment [c_s, c_s+1) (packed images, block-diagonal attention); it requires B = 1.
+  m.def("cls_scores(Tensor q, Tensor k, *, float? scale=None) -> Tensor");
+  m.def("received_scores(Tensor q, Tensor k, *, float? scale=None, Tensor? cu_seqlens=None) -> Tensor");
 }

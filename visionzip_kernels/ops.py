@@ -71,6 +71,90 @@ def _compress_with_indices_fake(
     return empty_outputs(hidden, check_compress_inputs(hidden, attn, k, keys, contextual, has_cls))
 
 
+# ============================================================================================
+# Attention scores without the N x N matrix (SPEC 4): visionzip::cls_scores / received_scores.
+# Fake kernels of the C++ ops, and the Triton implementations as their own custom ops
+# (visionzip::cls_scores_triton / received_scores_triton), which also serve as the CUDA kernels of
+# the C++ ops when the extension has none. Tensor arguments of custom_op cannot be keyword-only,
+# so the Triton ops take (q, k[, cu_seqlens], scale) positionally.
+# ============================================================================================
+
+from .scores import check_cls_scores_inputs, check_received_scores_inputs, score_dtype  # noqa: E402
+
+
+@torch.library.register_fake("visionzip::cls_scores")
+def _cls_scores_fake(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None) -> torch.Tensor:
+    b, n = check_cls_scores_inputs(q, k, scale)
+    return q.new_empty((b, n), dtype=score_dtype(q.dtype))
+
+
+@torch.library.register_fake("visionzip::received_scores")
+def _received_scores_fake(
+    q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    b, n = check_received_scores_inputs(q, k, scale, cu_seqlens, check_values=False)
+    return q.new_empty((b, n), dtype=score_dtype(q.dtype))
+
+
+def _triton_scores_module():
+    """visionzip_kernels.triton.scores, or None where triton is not installed."""
+    try:
+        return importlib.import_module("visionzip_kernels.triton.scores")
+    except ImportError:
+        return None
+
+
+_TRITON_SCORES = _triton_scores_module()
+
+#: True when the Triton score ops (visionzip::cls_scores_triton, ...) are registered.
+HAS_TRITON_SCORES: bool = _TRITON_SCORES is not None
+
+if HAS_TRITON_SCORES:
+
+    @torch.library.custom_op("visionzip::cls_scores_triton", mutates_args=())
+    def _cls_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+        """Triton cls_scores: q (B, H, d), k (B, H, N, d) -> (B, N) float32."""
+        check_cls_scores_inputs(q, k, scale)
+        return _TRITON_SCORES.cls_scores_triton(q, k, scale)
+
+    @_cls_scores_triton.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+        b, n = check_cls_scores_inputs(q, k, scale)
+        return q.new_empty((b, n), dtype=torch.float32)
+
+    @torch.library.custom_op("visionzip::received_scores_triton", mutates_args=())
+    def _received_scores_triton(
+        q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, scale: Optional[float] = None
+    ) -> torch.Tensor:
+        """Triton received_scores: q, k (B, H, N, d), cu_seqlens (S + 1,) or None -> (B, N) float32.
+        cu_seqlens values are not read here (no host sync); the Python API checks them in eager mode."""
+        check_received_scores_inputs(q, k, scale, cu_seqlens, check_values=False)
+        return _TRITON_SCORES.received_scores_triton(q, k, cu_seqlens, scale)
+
+    @_received_scores_triton.register_fake
+    def _(
+        q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, scale: Optional[float] = None
+    ) -> torch.Tensor:
+        b, n = check_received_scores_inputs(q, k, scale, cu_seqlens, check_values=False)
+        return q.new_empty((b, n), dtype=torch.float32)
+
+    # CUDA kernels of the C++ ops, where the extension brings none (float64 is not supported there).
+    if not _has_kernel("visionzip::cls_scores", "CUDA"):
+
+        @torch.library.impl("visionzip::cls_scores", "CUDA")
+        def _cls_scores_cuda(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None) -> torch.Tensor:
+            return _TRITON_SCORES.cls_scores_triton(q, k, scale)
+
+    if not _has_kernel("visionzip::received_scores", "CUDA"):
+
+        @torch.library.impl("visionzip::received_scores", "CUDA")
+        def _received_scores_cuda(
+            q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None
+        ) -> torch.Tensor:
+            return _TRITON_SCORES.received_scores_triton(q, k, cu_seqlens, scale)
+
+# ============================ end of the attention-scores section ============================
+
 def _triton_module():
     """The Triton backend module, or None where triton is not installed."""
     try:

@@ -1,0 +1,317 @@
+"""VisionZip on a full-size CLIP ViT-L/14-336 tower: the original pipeline vs SDPA + scores from q/k.
+
+(a) eager: the tower with eager attention and ``output_attentions=True`` (what the official code
+    forces: every layer materialises B x 16 x 577 x 577 probabilities), then ``compress`` with the
+    selection layer's (index -2) attention;
+(b) sdpa:  the same tower with ``attn_implementation="sdpa"``; forward hooks on the selection
+    layer's ``q_proj`` / ``k_proj`` capture its queries and keys, ``cls_scores`` turns the CLS
+    query and the keys into (B, N) scores, then the same ``compress``.
+
+Both run the whole tower with ``output_hidden_states=True`` (LLaVA reads hidden_states[-2]) and
+both take the metric keys (keys averaged over heads) from the k_proj hook, so the only difference is
+the attention implementation and where the scores come from. Weights are random (no download):
+same seed, same weights in both. Budget k = 64 (54 dominant + 10 contextual).
+
+Each (pipeline, batch) runs in its own subprocess, which reports
+* time: median wall time of tower + scores + compress over --repeats calls (after one untimed call);
+* peak memory: CPU: growth of the resident-set high-water mark (VmHWM, reset through
+  /proc/self/clear_refs) over the resident set right before the first call, i.e. the extra memory
+  one call needs beyond the loaded model; and the process's peak RSS (model weights included).
+  CUDA: torch.cuda.max_memory_allocated over the call, beyond what was allocated before.
+  (tracemalloc does not see torch's allocations.)
+
+    python benchmarks/bench_scores.py                 # B = 1 and B = 8, table + JSON in benchmarks/results/
+    python benchmarks/bench_scores.py --batch 8 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+# CLIP ViT-L/14 at 336 px (the LLaVA-1.5 tower).
+CLIP_L_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
+)
+PIPELINES = ("eager", "sdpa")
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: one (pipeline, batch) configuration per process
+# --------------------------------------------------------------------------------------------
+
+
+def _proc_status() -> dict[str, int]:
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmHWM", "VmRSS")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def build_tower(attn_implementation: str, layers: int):
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    cfg = CLIPVisionConfig(**{**CLIP_L_336, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    # A config object of its own: _from_config records the attention implementation in it.
+    return CLIPVisionModel._from_config(copy.deepcopy(cfg), attn_implementation=attn_implementation).eval()
+
+
+class SelectionLayerCapture:
+    """Forward hooks on the selection layer's q_proj / k_proj: their (B, N, C) outputs."""
+
+    def __init__(self, model, layer_index: int = -2):
+        encoder = getattr(model, "vision_model", model).encoder  # transformers 4 / 5 layouts
+        self.attn = encoder.layers[layer_index].self_attn
+        self.out: dict[str, torch.Tensor] = {}
+        self.hooks = [
+            self.attn.q_proj.register_forward_hook(lambda m, i, o: self.out.__setitem__("q", o)),
+            self.attn.k_proj.register_forward_hook(lambda m, i, o: self.out.__setitem__("k", o)),
+        ]
+
+    def per_head(self, name: str) -> torch.Tensor:
+        """(B, H, N, d) view of the captured projection (no copy)."""
+        x = self.out[name]
+        b, n, _ = x.shape
+        return x.view(b, n, self.attn.num_heads, self.attn.head_dim).transpose(1, 2)
+
+
+def run_pipeline(pipeline: str, model, cap: SelectionLayerCapture, pixels: torch.Tensor, budget: int):
+    import visionzip_kernels as vz
+
+    if pipeline == "eager":
+        out = model(pixel_values=pixels, output_hidden_states=True, output_attentions=True)
+        attn = out.attentions[-2]  # (B, H, N, N)
+    else:
+        out = model(pixel_values=pixels, output_hidden_states=True)
+        q_cls = cap.per_head("q")[:, :, 0]  # (B, H, d): the CLS query only
+        attn = vz.cls_scores(q_cls, cap.per_head("k"), scale=cap.attn.scale)  # (B, N)
+    hidden = out.hidden_states[-2]  # output of the selection layer (B, N, C)
+    keys = cap.per_head("k").mean(dim=1)  # VisionZip's metric: keys averaged over heads, (B, N, d)
+    return vz.compress(hidden, attn, budget, keys=keys, return_indices=True)
+
+
+def worker(args) -> dict:
+    sys.path.insert(0, ROOT)
+    device = torch.device(args.device)
+    model = build_tower(args.pipeline, args.layers).to(device)
+    cap = SelectionLayerCapture(model)
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randn(args.batch, 3, CLIP_L_336["image_size"], CLIP_L_336["image_size"], generator=g).to(device)
+    cuda = device.type == "cuda"
+
+    def call():
+        with torch.inference_mode():
+            res = run_pipeline(args.pipeline, model, cap, pixels, args.k)
+        if cuda:
+            torch.cuda.synchronize()
+        cap.out.clear()
+        return res
+
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _proc_status()["VmRSS"]
+        process_peak = _proc_status()["VmHWM"]
+        _reset_hwm()
+    t0 = time.perf_counter()
+    res = call()  # first call: measured for memory (nothing cached yet), not timed
+    first_s = time.perf_counter() - t0
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        st = _proc_status()
+        peak = st["VmHWM"] - before
+        process_peak = max(process_peak, st["VmHWM"])
+    dominant = res.dominant_indices.cpu().tolist()
+    del res
+
+    times = []
+    for _ in range(args.repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    if not cuda:
+        process_peak = max(process_peak, _proc_status()["VmHWM"])
+    return dict(
+        pipeline=args.pipeline,
+        batch=args.batch,
+        median_s=statistics.median(times),
+        times_s=times,
+        first_call_s=first_s,
+        peak_mib=peak / 2**20,
+        process_peak_rss_mib=None if cuda else process_peak / 2**20,
+        dominant_indices=dominant,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info(device: str) -> dict:
+    cpu_model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = dict(
+        processor=platform.processor(),
+        cpu_model=cpu_model,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        device=device,
+    )
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def run_config(args, pipeline: str, batch: int) -> dict:
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--worker",
+        "--pipeline", pipeline, "--batch", str(batch), "--repeats", str(args.repeats),
+        "--k", str(args.k), "--layers", str(args.layers), "--device", args.device,
+    ]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"worker {pipeline} B={batch} failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    """Fraction of dominant indices the two pipelines share (their attention differs by rounding)."""
+    same = sum(len(set(x) & set(y)) for x, y in zip(a, b))
+    return same / max(1, sum(len(x) for x in a))
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma separated (default: 1,8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (after one untimed call)")
+    p.add_argument("--k", type=int, default=64, help="VisionZip budget (default 64 = 54 + 10)")
+    p.add_argument("--layers", type=int, default=CLIP_L_336["num_hidden_layers"], help="tower depth (24: CLIP-L)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bench_scores_<machine>.json)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pipeline", choices=PIPELINES, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        batch = int(args.batch)
+        args.batch = batch
+        print(json.dumps(worker(args)))
+        return
+
+    batches = [int(b) for b in str(args.batch).split(",") if b]
+    info = machine_info(args.device)
+    print(f"# {info['cpu_model']} ({info['cpu_count']} CPUs, {info['torch_threads']} torch threads), torch {info['torch']}"
+          + (f", {info['gpu']}" if "gpu" in info else ""))
+    print(f"# CLIP ViT-L/14-336 ({args.layers} layers, random weights), k={args.k}, median of {args.repeats} calls")
+    rows = []
+    for batch in batches:
+        res = {pl: run_config(args, pl, batch) for pl in PIPELINES}
+        e, s = res["eager"], res["sdpa"]
+        rows.append(
+            dict(
+                batch=batch,
+                eager=e,
+                sdpa=s,
+                speedup=e["median_s"] / s["median_s"],
+                peak_ratio=s["peak_mib"] / e["peak_mib"] if e["peak_mib"] > 0 else None,
+                process_peak_ratio=(
+                    s["process_peak_rss_mib"] / e["process_peak_rss_mib"] if e["process_peak_rss_mib"] else None
+                ),
+                dominant_agreement=_agreement(e.pop("dominant_indices"), s.pop("dominant_indices")),
+            )
+        )
+        r = rows[-1]
+        print(
+            f"B={batch}: eager {e['median_s']:.3f} s, peak +{e['peak_mib']:.0f} MiB | "
+            f"sdpa+cls_scores {s['median_s']:.3f} s, peak +{s['peak_mib']:.0f} MiB | "
+            f"speedup {r['speedup']:.2f}x, peak ratio {r['peak_ratio']:.3f}, "
+            f"dominant agreement {r['dominant_agreement']:.3f}",
+            flush=True,
+        )
+
+    mem = "peak RSS growth" if args.device == "cpu" else "peak allocated"
+    print()
+    print(f"| B | pipeline | median time (s) | {mem} (MiB) | process peak RSS (MiB) | speedup | peak ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        for name, key in (("eager attention + output_attentions", "eager"), ("SDPA + cls_scores", "sdpa")):
+            x = r[key]
+            rss = "-" if x["process_peak_rss_mib"] is None else f"{x['process_peak_rss_mib']:.0f}"
+            extra = (f"{r['speedup']:.2f}x", f"{r['peak_ratio']:.3f}") if key == "sdpa" else ("", "")
+            print(f"| {r['batch']} | {name} | {x['median_s']:.3f} | {x['peak_mib']:.0f} | {rss} | {extra[0]} | {extra[1]} |")
+
+    os.makedirs(RESULTS, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", (info.get("gpu") or info["cpu_model"]).lower()).strip("-")
+    path = args.out or os.path.join(RESULTS, f"bench_scores_{args.device}_{slug}_{info['cpu_count']}cpu.json")
+    with open(path, "w") as f:
+        json.dump(
+            dict(
+                benchmark="bench_scores",
+                date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                machine=info,
+                config=dict(tower="CLIP ViT-L/14-336", layers=args.layers, k=args.k, repeats=args.repeats),
+                memory_metric=(
+                    "VmHWM growth over VmRSS before the first call (CPU), max_memory_allocated growth (CUDA)"
+                ),
+                results=rows,
+            ),
+            f,
+            indent=2,
+        )
+    print(f"\nwrote {os.path.relpath(path, ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

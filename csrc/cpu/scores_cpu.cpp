@@ -1,0 +1,193 @@
+// Fused CPU kernels of visionzip::cls_scores and visionzip::received_scores (SPEC 4): the token
+// scores of VisionZip computed from the selection layer's q and k without the N x N matrix.
+//
+// cls_scores: one softmax row per (image, head), O(N d) work and O(B H N) memory.
+// received_scores: column sums of softmax(Q K^T * scale) in two streaming passes over 64 x 64 tiles:
+//   pass 1, parallel over (image, head, query tile): row log-sum-exp, online over the key tiles;
+//   pass 2, parallel over (image, head, key tile): sum over the query tiles of exp(s - lse).
+// Only (B, H, N) vectors (lse, per-head column sums) and one tile per thread are stored. Every
+// output element is produced by one thread in a fixed order (tiles ascending, heads ascending),
+// so results are bit-identical across runs and thread counts (on one machine: the AVX2 and
+// portable builds of the kernels, chosen at run time, round differently).
+//
+// The kernels (scores_kernels.inc) are compiled twice: portable, and for AVX2 + FMA inside a
+// `#pragma GCC target` region (the extension is built for the baseline x86-64 ISA), picked at run
+// time by CPU feature.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace visionzip {
+namespace {
+
+constexpr int64_t kTile = 64;  // queries and keys per tile: a 64 x 64 fp32 score tile is 16 KiB
+
+inline bool is_float_dtype(const at::Tensor& t) {
+  auto s = t.scalar_type();
+  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
+}
+
+// q and k share one floating dtype and one device; the last dim must be contiguous (a copy otherwise).
+void check_common(const char* op, const at::Tensor& q, const at::Tensor& k) {
+  TORCH_CHECK(q.device().is_cpu(), op, " (CPU kernel): q must be on the CPU; got ", q.device());
+  TORCH_CHECK(k.device() == q.device(), op, ": k is on ", k.device(), " but q is on ", q.device());
+  TORCH_CHECK(is_float_dtype(q), op, ": q must be a floating tensor; got ", q.scalar_type());
+  TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": q and k must have the same dtype; got q ",
+              q.scalar_type(), ", k ", k.scalar_type());
+  TORCH_CHECK(k.dim() == 4 && k.size(1) >= 1 && k.size(2) >= 1 && k.size(3) >= 1, op,
+              ": k must have shape (B, H, N, d) with H, N, d >= 1; got ", k.sizes());
+}
+
+inline at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+inline at::ScalarType acc_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline double resolve_scale(std::optional<double> scale, int64_t d) {
+  return scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
+}
+
+
+// A tile of at most kTile tokens inside one segment [seg_begin, seg_end) of the block diagonal.
+struct Tile {
+  int64_t begin, len, seg_begin, seg_end;
+};
+
+std::vector<Tile> make_tiles(const std::vector<int64_t>& bounds) {
+  std::vector<Tile> tiles;
+  for (size_t s = 0; s + 1 < bounds.size(); ++s)
+    for (int64_t t = bounds[s]; t < bounds[s + 1]; t += kTile)
+      tiles.push_back({t, std::min(kTile, bounds[s + 1] - t), bounds[s], bounds[s + 1]});
+  return tiles;
+}
+
+// 32-byte GCC vector types of the tile micro-kernel.
+template <typename T>
+struct Vec32;
+template <>
+struct Vec32<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct Vec32<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+namespace portable {
+#include "scores_kernels.inc"
+}  // namespace portable
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define VISIONZIP_SCORES_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("fp-contract=fast")  // a * b + c -> FMA (ISO C++ mode does not contract)
+namespace avx2 {
+#include "scores_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+bool use_avx2() {
+#ifdef VISIONZIP_SCORES_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points
+// ---------------------------------------------------------------------------------------------
+
+
+#ifdef VISIONZIP_SCORES_AVX2
+#define ISA_CALL(ns, call) ns::call
+#else
+#define ISA_CALL(ns, call) portable::call
+#endif
+
+at::Tensor cls_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, std::optional<double> scale) {
+  const char* op = "visionzip::cls_scores";
+  check_common(op, q_in, k_in);
+  TORCH_CHECK(q_in.dim() == 3 && q_in.size(0) == k_in.size(0) && q_in.size(1) == k_in.size(1) &&
+                  q_in.size(2) == k_in.size(3),
+              op, ": q must have shape (B, H, d) matching k ", k_in.sizes(), "; got ", q_in.sizes());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in);
+  at::Tensor out = at::empty({k.size(0), k.size(2)}, q.options().dtype(acc_dtype(q)));
+  if (k.size(0) == 0) return out;
+  const double sc = resolve_scale(scale, k.size(3));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "visionzip_cls_scores_cpu",
+                                  [&] {
+    if (use_avx2()) return ISA_CALL(avx2, cls_scores_kernel<scalar_t>(q, k, sc, out));
+    portable::cls_scores_kernel<scalar_t>(q, k, sc, out);
+  });
+  return out;
+}
+
+
+// Segment bounds 0 = c_0 <= ... <= c_S = N from cu_seqlens, or {0, N} without it.
+std::vector<int64_t> segment_bounds(const std::optional<at::Tensor>& cu_seqlens, int64_t batch, int64_t n,
+                                    const at::Device& device) {
+  const char* op = "visionzip::received_scores";
+  if (!cu_seqlens.has_value()) return {0, n};
+  const at::Tensor& cu = *cu_seqlens;
+  TORCH_CHECK(cu.device() == device, op, ": cu_seqlens is on ", cu.device(), " but q is on ", device);
+  TORCH_CHECK(cu.dim() == 1 && cu.size(0) >= 2, op, ": cu_seqlens must have shape (S + 1,) with S >= 1; got ",
+              cu.sizes());
+  TORCH_CHECK(cu.scalar_type() == at::kInt || cu.scalar_type() == at::kLong, op,
+              ": cu_seqlens must be int32 or int64; got ", cu.scalar_type());
+  TORCH_CHECK(batch == 1, op, ": with cu_seqlens the images are packed along N, so B must be 1; got B = ", batch);
+  const at::Tensor c = cu.to(at::kLong).contiguous();
+  std::vector<int64_t> bounds(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+  TORCH_CHECK(bounds.front() == 0 && bounds.back() == n, op, ": cu_seqlens must start at 0 and end at N = ", n,
+              "; got ", bounds.front(), " ... ", bounds.back());
+  for (size_t s = 1; s < bounds.size(); ++s)
+    TORCH_CHECK(bounds[s] >= bounds[s - 1], op, ": cu_seqlens must be non-decreasing; got ", bounds[s - 1],
+                " then ", bounds[s]);
+  return bounds;
+}
+
+at::Tensor received_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, std::optional<double> scale,
+                               const std::optional<at::Tensor>& cu_seqlens) {
+  const char* op = "visionzip::received_scores";
+  check_common(op, q_in, k_in);
+  TORCH_CHECK(q_in.dim() == 4 && q_in.sizes() == k_in.sizes(), op,
+              ": q must have the shape (B, H, N, d) of k ", k_in.sizes(), "; got ", q_in.sizes());
+  const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in);
+  const int64_t B = k.size(0), N = k.size(2);
+  const std::vector<Tile> tiles = make_tiles(segment_bounds(cu_seqlens, B, N, q.device()));
+  at::Tensor out = at::empty({B, N}, q.options().dtype(acc_dtype(q)));
+  if (B == 0) return out;
+  const double sc = resolve_scale(scale, k.size(3));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "visionzip_received_scores_cpu",
+                                  [&] {
+    if (use_avx2()) return ISA_CALL(avx2, received_scores_kernel<scalar_t>(q, k, sc, tiles, out));
+    portable::received_scores_kernel<scalar_t>(q, k, sc, tiles, out);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(visionzip, CPU, m) {
+  m.impl("cls_scores", &cls_scores_cpu);
+  m.impl("received_scores", &received_scores_cpu);
+}
+
+}  // namespace visionzip

@@ -9,7 +9,7 @@ TORCH_VERSION := 2.13.0
 TRITON_VERSION := 3.7.1
 export MAX_JOBS ?= 2
 
-SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc')
 READY := $(VENV)/.visionzip-ready
 BUILT := visionzip_kernels/.build-stamp
 

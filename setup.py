@@ -15,7 +15,9 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def _extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    cxx = ["-O3", "-DVISIONZIP_PYTHON_MODULE"]
+    # -fopenmp: at::parallel_for is a header-only OpenMP loop; without the flag it runs serially.
+    cxx = ["-O3", "-fopenmp", "-DVISIONZIP_PYTHON_MODULE"]
+    link = ["-fopenmp"]
     use_cuda = torch.version.cuda is not None and CUDA_HOME is not None and bool(cuda_sources)
     if os.environ.get("VISIONZIP_FORCE_CPU") == "1":
         use_cuda = False
@@ -25,9 +27,12 @@ def _extension():
             "visionzip_kernels._C",
             sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DVISIONZIP_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo"]},
+            extra_link_args=link,
             py_limited_api=True,
         )
-    return CppExtension("visionzip_kernels._C", sources, extra_compile_args={"cxx": cxx}, py_limited_api=True)
+    return CppExtension(
+        "visionzip_kernels._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link, py_limited_api=True
+    )
 
 
 setup(

@@ -7,6 +7,8 @@
 
 #include <optional>
 
+#include "common.h"
+
 namespace visionzip {
 
 struct CompressGeometry {
@@ -22,11 +24,6 @@ struct CompressGeometry {
     return contextual > 0 ? std::max<int64_t>(1, (tokens - dominant) / contextual) : 1;
   }
 };
-
-inline bool is_float_dtype(const at::Tensor& t) {
-  auto s = t.scalar_type();
-  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
-}
 
 inline CompressGeometry check_compress_args(
     const at::Tensor& hidden, const at::Tensor& attn, int64_t k, const std::optional<at::Tensor>& keys,

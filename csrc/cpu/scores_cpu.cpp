@@ -30,15 +30,13 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common.h"
+#include "isa.h"
+
 namespace visionzip {
 namespace {
 
 constexpr int64_t kTile = 64;  // queries and keys per tile: a 64 x 64 fp32 score tile is 16 KiB
-
-inline bool is_float_dtype(const at::Tensor& t) {
-  auto s = t.scalar_type();
-  return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
-}
 
 // q and k share one floating dtype and one device; the last dim must be contiguous (a copy otherwise).
 void check_common(const char* op, const at::Tensor& q, const at::Tensor& k) {
@@ -91,8 +89,7 @@ namespace portable {
 #include "scores_kernels.inc"
 }  // namespace portable
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define VISIONZIP_SCORES_AVX2 1
+#ifdef VISIONZIP_AVX2_BUILD
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #pragma GCC optimize("fp-contract=fast")  // a * b + c -> FMA (ISO C++ mode does not contract)
@@ -102,25 +99,10 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-bool use_avx2() {
-#ifdef VISIONZIP_SCORES_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
 // ---------------------------------------------------------------------------------------------
 // Entry points
 // ---------------------------------------------------------------------------------------------
 
-
-#ifdef VISIONZIP_SCORES_AVX2
-#define ISA_CALL(ns, call) ns::call
-#else
-#define ISA_CALL(ns, call) portable::call
-#endif
 
 at::Tensor cls_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, std::optional<double> scale) {
   const char* op = "visionzip::cls_scores";
@@ -134,8 +116,7 @@ at::Tensor cls_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, std::o
   const double sc = resolve_scale(scale, k.size(3));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "visionzip_cls_scores_cpu",
                                   [&] {
-    if (use_avx2()) return ISA_CALL(avx2, cls_scores_kernel<scalar_t>(q, k, sc, out));
-    portable::cls_scores_kernel<scalar_t>(q, k, sc, out);
+    VISIONZIP_ISA_DISPATCH(cls_scores_kernel<scalar_t>(q, k, sc, out));
   });
   return out;
 }
@@ -177,8 +158,7 @@ at::Tensor received_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, s
   const double sc = resolve_scale(scale, k.size(3));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "visionzip_received_scores_cpu",
                                   [&] {
-    if (use_avx2()) return ISA_CALL(avx2, received_scores_kernel<scalar_t>(q, k, sc, tiles, out));
-    portable::received_scores_kernel<scalar_t>(q, k, sc, tiles, out);
+    VISIONZIP_ISA_DISPATCH(received_scores_kernel<scalar_t>(q, k, sc, tiles, out));
   });
   return out;
 }

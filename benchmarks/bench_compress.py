@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds of timed calls per method and workload")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/compress-<device>-<dtype>.json)")
     p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--no-plot", action="store_true", help="write the JSON but no PNG")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     result = run(args)
@@ -237,8 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
         tag = "gpu-" + result["machine"].replace(" ", "_") if args.device.startswith("cuda") else "cpu"
         out = Path(args.out) if args.out else RESULTS / f"compress-{tag}-{args.dtype}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
-        plot(result, out.with_suffix(".png"))
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        print(f"wrote {out}")
+        if not args.no_plot:
+            plot(result, out.with_suffix(".png"))
+            print(f"wrote {out.with_suffix('.png')}")
     return result
 
 

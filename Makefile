@@ -45,7 +45,7 @@ test: $(BUILT)
 	$(PY) -m pytest tests -q -p no:cacheprovider
 
 demo: $(BUILT)
-	$(PY) benchmarks/bench_compress.py
+	$(PY) benchmarks/bench_compress.py --no-save
 
 bench: demo
 

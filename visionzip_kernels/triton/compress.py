@@ -346,7 +346,7 @@ def check_triton_inputs(
     if hidden.dtype == torch.float64:
         raise ValueError(
             "the triton backend supports float16, bfloat16 and float32 hidden states; hidden is float64 "
-            "(use backend='cpu', 'cuda' or 'reference' for float64)"
+            "(float64 runs on backend='cpu' or 'reference')"
         )
     return plan
 

@@ -86,6 +86,10 @@ at::Tensor compress_autograd(const at::Tensor& hidden, const at::Tensor& attn, i
 
 }  // namespace
 
+TORCH_LIBRARY_IMPL(visionzip, CompositeExplicitAutograd, m) {
+  m.impl("_compress_hidden_grad", &hidden_grad);
+}
+
 TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
   m.impl("compress", &compress_autograd);
   m.impl("compress_with_indices", &compress_with_indices_autograd);

@@ -28,6 +28,11 @@ TORCH_LIBRARY(visionzip, m) {
       "compress_with_indices(Tensor hidden, Tensor attn, int k, *, Tensor? keys=None, int? contextual=None, "
       "bool has_cls=True) -> (Tensor output, Tensor dominant_indices, Tensor contextual_indices, "
       "Tensor token_map)");
+  // Backward of compress for `hidden` from the pass's indices (device-generic; csrc/autograd.cpp).
+  // Public only so that every backend's autograd (C++ and the Triton custom ops) shares one formula.
+  m.def(
+      "_compress_hidden_grad(Tensor grad_out, Tensor token_map, Tensor contextual_indices, int dominant) "
+      "-> Tensor");
   // Attention scores without the N x N matrix (SPEC 4). q, k in one floating dtype; the result is
   // float32 (float64 for float64 inputs). scale defaults to 1/sqrt(d).
   //   cls_scores: q (B, H, d) the CLS query of every head, k (B, H, N, d) -> (B, N):

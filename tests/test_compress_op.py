@@ -255,13 +255,17 @@ def test_torch_compile_fullgraph():
     assert torch.equal(tmap, ref.token_map)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
 @pytest.mark.parametrize("has_cls,contextual", [(True, None), (False, None), (True, 0), (False, 8)])
 def test_hidden_gradient_matches_reference_autograd(backend, has_cls, contextual):
     # Only hidden is differentiable (the choices are discrete): kept rows pass their gradient back,
     # members get 1/count of their contextual row's. The reference gets it from autograd of its gathers.
-    case = make_case(2, 61, 12, k=20, contextual=contextual, has_cls=has_cls, dtype=torch.float64)
-    grad = torch.randn(2, 20, 12, dtype=torch.float64)
+    if backend not in vz.available_backends("cpu"):
+        pytest.skip("triton runs on CPU tensors only under TRITON_INTERPRET=1")
+    dtype = torch.float32 if backend == "triton" else torch.float64  # triton takes no float64
+    tol = dict(rtol=1e-6, atol=1e-6) if backend == "triton" else dict(rtol=1e-12, atol=1e-12)
+    case = make_case(2, 61, 12, k=20, contextual=contextual, has_cls=has_cls, dtype=dtype)
+    grad = torch.randn(2, 20, 12, dtype=dtype)
     grads = []
     for indices in (False, True, "reference"):
         h = case.hidden.clone().requires_grad_()
@@ -273,8 +277,8 @@ def test_hidden_gradient_matches_reference_autograd(backend, has_cls, contextual
             out = out[0] if indices else out
         (out * grad).sum().backward()
         grads.append(h.grad)
-    torch.testing.assert_close(grads[0], grads[2], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grads[1], grads[2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0], grads[2], **tol)
+    torch.testing.assert_close(grads[1], grads[2], **tol)
     assert grads[0].abs().sum() > 0
 
 

@@ -45,7 +45,7 @@ class CompressPlan:
         return max(1, self.remaining // self.contextual) if self.contextual > 0 else 1
 
 
-def _shape(t: torch.Tensor) -> str:
+def format_shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
@@ -74,11 +74,11 @@ def check_compress_inputs(
     if not isinstance(attn, torch.Tensor):
         raise ValueError(f"attn must be a torch.Tensor; got {type(attn).__name__}")
     if hidden.dim() != 3:
-        raise ValueError(f"hidden must have shape (B, N, C); got a {hidden.dim()}-D tensor of shape {_shape(hidden)}")
+        raise ValueError(f"hidden must have shape (B, N, C); got a {hidden.dim()}-D tensor of shape {format_shape(hidden)}")
     _check_float("hidden", hidden)
     b, n, c = hidden.shape
     if n < 1 or c < 1:
-        raise ValueError(f"hidden must have N >= 1 tokens and C >= 1 channels; got shape {_shape(hidden)}")
+        raise ValueError(f"hidden must have N >= 1 tokens and C >= 1 channels; got shape {format_shape(hidden)}")
 
     _check_float("attn", attn)
     if attn.dim() == 4:
@@ -92,11 +92,11 @@ def check_compress_inputs(
         ok = attn.shape[0] == b and attn.shape[1] == n
     else:
         raise ValueError(
-            f"attn must have shape (B, H, N, N), (B, H, N) or (B, N); got a {attn.dim()}-D tensor of shape {_shape(attn)}"
+            f"attn must have shape (B, H, N, N), (B, H, N) or (B, N); got a {attn.dim()}-D tensor of shape {format_shape(attn)}"
         )
     if not ok:
         raise ValueError(
-            f"attn of shape {_shape(attn)} does not match hidden {_shape(hidden)}: expected {expected}"
+            f"attn of shape {format_shape(attn)} does not match hidden {format_shape(hidden)}: expected {expected}"
         )
     if attn.device != hidden.device:
         raise ValueError(f"attn is on {attn.device} but hidden is on {hidden.device}; both must be on one device")
@@ -106,7 +106,7 @@ def check_compress_inputs(
             raise ValueError(f"keys must be a torch.Tensor of shape (B, N, Ck) or None; got {type(keys).__name__}")
         if keys.dim() != 3 or keys.shape[0] != b or keys.shape[1] != n or keys.shape[2] < 1:
             raise ValueError(
-                f"keys must have shape (B, N, Ck) = ({b}, {n}, Ck) to match hidden {_shape(hidden)}; got {_shape(keys)}"
+                f"keys must have shape (B, N, Ck) = ({b}, {n}, Ck) to match hidden {format_shape(hidden)}; got {format_shape(keys)}"
             )
         _check_float("keys", keys)
         if keys.device != hidden.device:
@@ -115,7 +115,7 @@ def check_compress_inputs(
     if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
         raise ValueError(f"k must be an int; got {type(k).__name__}")
     if k < 1 or k > n:
-        raise ValueError(f"k must satisfy 1 <= k <= N = {n} (hidden {_shape(hidden)}); got k={k}")
+        raise ValueError(f"k must satisfy 1 <= k <= N = {n} (hidden {format_shape(hidden)}); got k={k}")
     if contextual is None:
         contextual = default_contextual(k)
     elif isinstance(contextual, bool) or not isinstance(contextual, (int, torch.SymInt)):
@@ -125,8 +125,8 @@ def check_compress_inputs(
     dominant = k - contextual
     if dominant < 0:
         raise ValueError(
-            f"contextual={contextual} exceeds the budget k={k}: it must be at most k, and at most "
-            f"N - dominant = {n} - {dominant} tokens remain to merge"
+            f"contextual={contextual} exceeds the budget k={k}: the contextual tokens are part of k "
+            f"(k - contextual dominant tokens are kept), so contextual must be at most k"
         )
     if has_cls and dominant < 1:
         raise ValueError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Union
 
 import torch
@@ -12,10 +11,6 @@ from ._validation import check_compress_inputs
 from .reference import CompressResult, compress_reference_from_plan
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-
-
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 #: Backends whose kernels do not take float64 hidden states (they raise a clear error).
@@ -44,7 +39,7 @@ def _device_backends(device: Union[torch.device, str, None]) -> list[str]:
     device = torch.device(device)
     if device.type == "cpu":
         names = ["cpu", "reference"]
-        if ops.TRITON is not None and _triton_interpreting():
+        if ops.TRITON is not None and ops.TRITON.interpreting():
             names.append("triton")
         return names
     if device.type == "cuda":

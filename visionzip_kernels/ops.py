@@ -96,15 +96,15 @@ def _received_scores_fake(
     return q.new_empty((b, n), dtype=score_dtype(q.dtype))
 
 
-def _triton_scores_module():
-    """visionzip_kernels.triton.scores, or None where triton is not installed."""
+def _optional_module(name: str):
+    """A module of the Triton backend, or None where triton is not installed."""
     try:
-        return importlib.import_module("visionzip_kernels.triton.scores")
+        return importlib.import_module(name)
     except ImportError:
         return None
 
 
-_TRITON_SCORES = _triton_scores_module()
+_TRITON_SCORES = _optional_module("visionzip_kernels.triton.scores")
 
 #: True when the Triton score ops (visionzip::cls_scores_triton, ...) are registered.
 HAS_TRITON_SCORES: bool = _TRITON_SCORES is not None
@@ -155,15 +155,7 @@ if HAS_TRITON_SCORES:
 
 # ============================ end of the attention-scores section ============================
 
-def _triton_module():
-    """The Triton backend module, or None where triton is not installed."""
-    try:
-        return importlib.import_module("visionzip_kernels.triton")
-    except ImportError:
-        return None
-
-
-TRITON = _triton_module()
+TRITON = _optional_module("visionzip_kernels.triton")
 
 
 # =============================================================================================
@@ -217,29 +209,40 @@ if TRITON is not None:
     def _compress_triton_with_indices_fake(hidden, attn, k, keys=None, contextual=None, has_cls=True):
         return _triton_fake_outputs(hidden, attn, k, keys, contextual, has_cls)
 
+    # Autograd of the Triton ops: the same formula as the C++ ops (visionzip::_compress_hidden_grad).
+    def _triton_setup(ctx, inputs, output):
+        hidden, attn, k, keys, contextual, has_cls = inputs
+        ctx.save_for_backward(hidden, attn, keys)
+        ctx.args = (k, contextual, has_cls)
+
+    def _triton_backward(ctx, grad_out):
+        hidden, attn, keys = ctx.saved_tensors
+        # The forward kept no indices: recompute them (a second pass, only when training through the op).
+        _, dom, ctx_idx, token_map = torch.ops.visionzip.compress_triton_with_indices(
+            hidden.detach(), attn.detach(), ctx.args[0], None if keys is None else keys.detach(), *ctx.args[1:]
+        )
+        grad = torch.ops.visionzip._compress_hidden_grad(grad_out, token_map, ctx_idx, dom.shape[1])
+        return grad, None, None, None, None, None
+
+    def _triton_indices_setup(ctx, inputs, output):
+        ctx.save_for_backward(output[2], output[3])
+        ctx.dominant = output[1].shape[1]
+
+    def _triton_indices_backward(ctx, grad_out, *_index_grads):
+        ctx_idx, token_map = ctx.saved_tensors
+        grad = torch.ops.visionzip._compress_hidden_grad(grad_out, token_map, ctx_idx, ctx.dominant)
+        return grad, None, None, None, None, None
+
+    _compress_triton.register_autograd(_triton_backward, setup_context=_triton_setup)
+    _compress_triton_with_indices.register_autograd(_triton_indices_backward, setup_context=_triton_indices_setup)
+
     if not HAS_CUDA_KERNELS:
         # The extension was built without CUDA kernels: visionzip::compress on CUDA tensors runs the
-        # Triton kernels. float64 hidden states (which they do not support) fall back to the PyTorch
-        # oracle, which is also static-shaped and synchronisation-free.
-        from .reference import compress_reference_from_plan as _reference_from_plan
-
-        def _compress_pass_cuda(
-            hidden: torch.Tensor,
-            attn: torch.Tensor,
-            k: int,
-            keys: Optional[torch.Tensor],
-            contextual: Optional[int],
-            has_cls: bool,
-        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-            if hidden.dtype == torch.float64:
-                plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
-                return tuple(_reference_from_plan(plan, hidden, attn, keys))
-            return TRITON.compress_triton(hidden, attn, k, keys, contextual, has_cls)
-
+        # Triton kernels (which, like the CUDA kernels, reject float64 with a clear error).
         @torch.library.impl("visionzip::compress", "CUDA")
         def _compress_cuda_triton(hidden, attn, k, *, keys=None, contextual=None, has_cls=True):
-            return _compress_pass_cuda(hidden, attn, k, keys, contextual, has_cls)[0]
+            return TRITON.compress_triton(hidden, attn, k, keys, contextual, has_cls)[0]
 
         @torch.library.impl("visionzip::compress_with_indices", "CUDA")
         def _compress_with_indices_cuda_triton(hidden, attn, k, *, keys=None, contextual=None, has_cls=True):
-            return _compress_pass_cuda(hidden, attn, k, keys, contextual, has_cls)
+            return TRITON.compress_triton(hidden, attn, k, keys, contextual, has_cls)

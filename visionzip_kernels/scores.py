@@ -22,12 +22,12 @@ must cover the same N tokens (self-attention); cross-attention lengths are not s
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional, Union
 
 import torch
 
-from ._validation import FLOAT_DTYPES
+from ._validation import FLOAT_DTYPES, format_shape
+from .reference import compute_dtype
 
 SCORE_BACKENDS = ("reference", "cpu", "triton")
 
@@ -46,10 +46,6 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Validation (shared by the entry points, the fake kernels and the Triton ops)
 # --------------------------------------------------------------------------------------------
-
-
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
 def _check_tensor(name: str, t: object, form: str) -> None:
@@ -81,10 +77,10 @@ def _check_scale(scale: Optional[float]) -> None:
 def _check_k(k: torch.Tensor) -> tuple[int, int, int, int]:
     _check_tensor("k", k, "(B, H, N, d)")
     if k.dim() != 4:
-        raise ValueError(f"k must have shape (B, H, N, d) (per-head keys); got a {k.dim()}-D tensor of shape {_shape(k)}")
+        raise ValueError(f"k must have shape (B, H, N, d) (per-head keys); got a {k.dim()}-D tensor of shape {format_shape(k)}")
     b, h, n, d = k.shape
     if h < 1 or n < 1 or d < 1:
-        raise ValueError(f"k must have H >= 1 heads, N >= 1 tokens and head dim d >= 1; got shape {_shape(k)}")
+        raise ValueError(f"k must have H >= 1 heads, N >= 1 tokens and head dim d >= 1; got shape {format_shape(k)}")
     return b, h, n, d
 
 
@@ -98,10 +94,10 @@ def check_cls_scores_inputs(q: torch.Tensor, k: torch.Tensor, scale: Optional[fl
     if q.dim() != 3:
         raise ValueError(
             f"q must have shape (B, H, d) (the CLS query of every head, e.g. q[:, :, 0] of per-head queries); "
-            f"got a {q.dim()}-D tensor of shape {_shape(q)}"
+            f"got a {q.dim()}-D tensor of shape {format_shape(q)}"
         )
     if tuple(q.shape) != (b, h, d):
-        raise ValueError(f"q of shape {_shape(q)} does not match k {_shape(k)}: expected (B, H, d) = ({b}, {h}, {d})")
+        raise ValueError(f"q of shape {format_shape(q)} does not match k {format_shape(k)}: expected (B, H, d) = ({b}, {h}, {d})")
     _check_pair_dtype_device(q, k)
     _check_scale(scale)
     return b, n
@@ -131,10 +127,10 @@ def check_received_scores_inputs(
     b, h, n, d = _check_k(k)
     _check_tensor("q", q, "(B, H, N, d)")
     if q.dim() != 4:
-        raise ValueError(f"q must have shape (B, H, N, d) (per-head queries); got a {q.dim()}-D tensor of shape {_shape(q)}")
+        raise ValueError(f"q must have shape (B, H, N, d) (per-head queries); got a {q.dim()}-D tensor of shape {format_shape(q)}")
     if q.shape != k.shape:
         raise ValueError(
-            f"q of shape {_shape(q)} does not match k {_shape(k)}: expected (B, H, N, d) = ({b}, {h}, {n}, {d}) "
+            f"q of shape {format_shape(q)} does not match k {format_shape(k)}: expected (B, H, N, d) = ({b}, {h}, {n}, {d}) "
             "(self-attention: queries and keys cover the same N tokens)"
         )
     _check_pair_dtype_device(q, k)
@@ -143,7 +139,7 @@ def check_received_scores_inputs(
         _check_tensor("cu_seqlens", cu_seqlens, "(S + 1,)")
         if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
             raise ValueError(
-                f"cu_seqlens must have shape (S + 1,) with S >= 1 segments; got shape {_shape(cu_seqlens)}"
+                f"cu_seqlens must have shape (S + 1,) with S >= 1 segments; got shape {format_shape(cu_seqlens)}"
             )
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cu_seqlens must be int32 or int64; got dtype {cu_seqlens.dtype}")
@@ -151,7 +147,7 @@ def check_received_scores_inputs(
             raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}; both must be on one device")
         if b != 1:
             raise ValueError(
-                f"with cu_seqlens the images are packed along N, so B must be 1; got q, k of shape {_shape(q)}"
+                f"with cu_seqlens the images are packed along N, so B must be 1; got q, k of shape {format_shape(q)}"
             )
         if check_values and not _is_tracing(cu_seqlens):
             c = cu_seqlens.tolist()
@@ -163,9 +159,8 @@ def check_received_scores_inputs(
     return b, n
 
 
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the scores: float64 for float64 inputs, float32 otherwise (SPEC 2)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+# Dtype of the scores: float64 for float64 inputs, float32 otherwise (SPEC 2), as compress computes.
+score_dtype = compute_dtype
 
 
 def _scale(scale: Optional[float], d: int) -> float:
@@ -227,7 +222,7 @@ def available_score_backends(device: Union[torch.device, str, None] = None) -> l
     device = torch.device(device)
     if device.type == "cpu":
         names = ["cpu", "reference"]
-        if ops.HAS_TRITON_SCORES and os.environ.get("TRITON_INTERPRET") == "1":
+        if ops.HAS_TRITON_SCORES and ops.TRITON.interpreting():
             names.append("triton")
         return names
     if device.type == "cuda" and ops.HAS_TRITON_SCORES:

@@ -20,20 +20,17 @@ a block loops over the union of its rows' segments and masks what lies outside e
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .compress import interpreting
+
 _BLOCK = 64  # queries / keys per tile
 
 _TL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -239,7 +236,7 @@ def received_scores_triton(
         lo = hi = lse  # unused placeholders (HAS_SEG=False)
     common = dict(
         HAS_SEG=has_seg,
-        CAST_F32=_interpreting() or q.dtype == torch.float32,
+        CAST_F32=interpreting() or q.dtype == torch.float32,
         BLOCK_M=_BLOCK, BLOCK_N=_BLOCK, BLOCK_D=_block_d(d),
     )
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))

@@ -129,12 +129,13 @@ def test_non_contiguous_inputs(backend, form):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cpu_kernel_is_deterministic_across_runs_and_threads(dtype):
-    case = make_case(3, 577, 256, heads=16, form="full", k=64, dtype=dtype, has_cls=False)
+@pytest.mark.parametrize("batch", [1, 3])  # B=1: loops inside the image go parallel; B=3: batch-parallel
+def test_cpu_kernel_is_deterministic_across_runs_and_threads(dtype, batch):
+    case = make_case(batch, 577, 256, heads=16, form="full", k=64, dtype=dtype, has_cls=False)
     threads = torch.get_num_threads()
     try:
         results = []
-        for t in (1, 2, 3, 1):
+        for t in (1, 2, 4, 1):
             torch.set_num_threads(t)
             results.append(run("cpu", case))
     finally:
@@ -286,3 +287,24 @@ def test_float64_backends_are_filtered():
     assert vz.available_backends("cpu", torch.float64)[:2] == ["cpu", "reference"]
     cuda = vz.available_backends("cuda", torch.float64)
     assert "cuda" not in cuda and "triton" not in cuda and cuda[-1] == "reference"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_and_offset_inputs(backend):
+    # stride-0 (expanded) tensors and views with a storage offset read the same values as dense copies
+    base = make_case(1, 50, 16, k=12, heads=2)
+    big = make_case(3, 50, 16, k=12, heads=2)
+    case = Case(hidden=base.hidden.expand(2, -1, -1), attn=big.attn[1:], k=12, keys=big.keys[1:, :, 4:12])
+    assert case.hidden.stride(0) == 0 and case.attn.storage_offset() > 0 and case.keys.storage_offset() > 0
+    res = run(backend, case)
+    check_against_reference(case, res)
+    dense = Case(case.hidden.contiguous(), case.attn.contiguous(), 12, keys=case.keys.contiguous())
+    for a, b in zip(res, run(backend, dense)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float64_hidden_with_float32_attention_and_keys(backend):
+    case = make_case(2, 77, 24, k=20, dtype=torch.float64)
+    case.attn, case.keys = case.attn.float(), case.keys.float()
+    check_against_reference(case, run(backend, case))

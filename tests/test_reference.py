@@ -87,23 +87,29 @@ def test_oracle_check_rejects_wrong_results():
     with pytest.raises(AssertionError):
         check_against_reference(case, good._replace(output=out))
 
-    # Replace the weakest non-CLS dominant token by the weakest token overall (consistently in all outputs).
+    # A dominant set that is not a top-D set: the near-tie check must reject it (called directly,
+    # since the structural checks would already reject this inconsistent result).
+    from tests.helpers import _check_near_ties
+
     scores = case.attn[:, :, 0, :].sum(1)
     dom = good.dominant_indices.clone()
     weakest_kept = dom[0, 1:][scores[0, dom[0, 1:]].argmin()]
     weakest = int(scores[0, 1:].argmin()) + 1
     dom[0][dom[0] == weakest_kept] = weakest
-    bad = compress_reference(case.hidden, case.attn, case.k, **case.kwargs())
-    with pytest.raises(AssertionError):
-        check_against_reference(case, bad._replace(dominant_indices=dom.sort(1).values))
+    with pytest.raises(AssertionError, match="not a top-D set"):
+        _check_near_ties(case, good._replace(dominant_indices=dom.sort(1).values), 1e-5, 1e-5)
 
     # Move one merged token to the target it is least similar to.
     tmap = good.token_map.clone()
     d = good.dominant_indices.shape[1]
-    j = int((tmap[0] >= d).nonzero()[-1])
+    is_target = torch.zeros_like(tmap[0], dtype=torch.bool)
+    is_target[good.contextual_indices[0]] = True
+    j = int(((tmap[0] >= d) & ~is_target).nonzero()[-1])  # a merged member, not a target
     keys = torch.nn.functional.normalize(case.keys[0].double(), dim=-1)
     sims = keys[j] @ keys[good.contextual_indices[0]].T
     tmap[0, j] = d + int(sims.argmin())
+    with pytest.raises(AssertionError, match="not assigned to their most similar target"):
+        _check_near_ties(case, good._replace(token_map=tmap), 1e-5, 1e-5)
     with pytest.raises(AssertionError):
         check_against_reference(case, good._replace(token_map=tmap))
 

@@ -5,13 +5,12 @@
 // remaining tokens to the contextual targets, segmented mean and output write. Parallel over the
 // batch; when the batch is smaller than the thread pool, the loops inside an image run in parallel
 // instead (nested at::parallel_for calls run inline). Every output element is computed by one
-// thread in a fixed order, so results are bit-identical across runs and thread counts.
+// thread in a fixed order, so results are bit-identical across runs and thread counts (for one
+// instruction-set path, see isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -34,8 +33,8 @@ namespace portable {
 #ifdef VISIONZIP_AVX2_BUILD
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
-// No `#pragma GCC optimize` here: GCC does not inline functions whose optimize options differ, and
-// the at::vec helpers from the ATen headers must inline into these kernels to vectorise.
+// No `#pragma GCC optimize` here: GCC does not inline functions whose optimize options differ
+// (c10::Half / BFloat16 conversions from the headers must inline into these loops).
 namespace avx2 {
 #include "compress_kernels.inc"
 }  // namespace avx2

@@ -4,8 +4,9 @@
 // at::vec::Vectorized is its generic array implementation here. Each kernel file therefore includes
 // its kernel .inc twice: once as is (namespace `portable`), and once inside a
 // `#pragma GCC target("avx2,fma")` region (namespace `avx2`), where GCC vectorises the same code
-// for AVX2 and contracts a * b + c into FMA. Callers pick one at run time with cpu_has_avx2_fma().
-// Results are deterministic for a given path; the two paths round differently (FMA).
+// for AVX2 (and contracts a * b + c into FMA where a file asks for it with `#pragma GCC optimize
+// ("fp-contract=fast")`, as the scores kernels do). Callers pick one at run time with
+// cpu_has_avx2_fma(). Results are deterministic for a given path; the paths may round differently.
 #pragma once
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)

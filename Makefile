@@ -1,5 +1,6 @@
 # visionzip-kernels: `make demo` and `make test` set up .venv if missing, build the extension, then run.
-# On a machine without CUDA the environment gets torch==2.13.0 (CPU wheel); where the system Python
+# On a machine without CUDA the environment gets torch==2.13.0 (pip here resolves it to the local CPU
+# wheel; elsewhere set PIP_INDEX_URL to the CPU index); where the system Python
 # already has a CUDA-enabled torch, the venv sees it (--system-site-packages) and installs no torch.
 SHELL := /bin/bash
 PYTHON ?= python3

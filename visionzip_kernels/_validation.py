@@ -20,6 +20,11 @@ def default_contextual(k: int) -> int:
     return k * 5 // 32
 
 
+def contextual_step(remaining: int, contextual: int) -> int:
+    """Spacing of the contextual targets inside the remaining list (SPEC 1.6): max(1, R // Cx)."""
+    return max(1, remaining // contextual) if contextual > 0 else 1
+
+
 @dataclass(frozen=True)
 class CompressPlan:
     """Static sizes of one ``compress`` call (all Python ints, or SymInts under tracing)."""
@@ -42,7 +47,7 @@ class CompressPlan:
     @property
     def step(self) -> int:
         """Spacing of the contextual targets inside the remaining list (SPEC 1.6)."""
-        return max(1, self.remaining // self.contextual) if self.contextual > 0 else 1
+        return contextual_step(self.remaining, self.contextual)
 
 
 def format_shape(t: torch.Tensor) -> str:

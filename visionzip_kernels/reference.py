@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._validation import CompressPlan, check_compress_inputs, default_contextual
+from ._validation import CompressPlan, check_compress_inputs, contextual_step, default_contextual
 
 
 class CompressResult(NamedTuple):
@@ -109,8 +109,7 @@ def target_positions(remaining: int, contextual: int, device: torch.device | str
     """Positions of the contextual targets inside the remaining list: 0, step, 2 step, ... (Cx,)."""
     if contextual == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
-    step = max(1, remaining // contextual)
-    return torch.arange(contextual, device=device, dtype=torch.long) * step
+    return torch.arange(contextual, device=device, dtype=torch.long) * contextual_step(remaining, contextual)
 
 
 def normalize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

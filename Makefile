@@ -29,7 +29,9 @@ $(READY): pyproject.toml Makefile
 	fi; \
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==$(TRITON_VERSION); \
-	for pkg in numpy pytest matplotlib ninja setuptools wheel "transformers>=5,<6"; do \
+	$(PY) -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null \
+	  || $(PY) -m pip install -q "setuptools>=77"; \
+	for pkg in numpy pytest matplotlib ninja wheel "transformers>=5,<6"; do \
 	  mod=$${pkg%%[<>=]*}; \
 	  $(PY) -c "import $$mod" 2>/dev/null || $(PY) -m pip install -q "$$pkg"; \
 	done; \

@@ -1,6 +1,8 @@
-"""Render a committed benchmark JSON (benchmarks/results/*.json) as the markdown table used in README.md.
+"""Render a committed bench_compress JSON (benchmarks/results/*.json) as the markdown table used in
+README.md, and optionally its bar chart (the GPU script brings back JSONs only).
 
     python benchmarks/results_table.py benchmarks/results/compress-cpu-float32.json
+    python benchmarks/results_table.py --plot benchmarks/results/compress-gpu-*.json   # + <json>.png
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ def markdown(result: dict) -> str:
     workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
     head = "| workload | " + " | ".join(f"{m} ms" for m in methods) + " | best vs eager | best vs compile | best / clone time |"
     head += " best % of copy BW |" if gpu else ""
+    both = any({"cuda", "triton"} <= {r["method"] for r in result["rows"] if r["workload"] == w} for w in workloads)
+    head += " triton / cuda time |" if both else ""
     lines = [f"{result['machine']}, torch {result['torch']}, {result['dtype']} (medians, one run)", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for w in workloads:
@@ -32,11 +36,25 @@ def markdown(result: dict) -> str:
             line += f" {100 * b['fraction_of_copy_bw']:.0f}% |" if gpu else ""
         else:
             line += " | | | |" + (" |" if gpu else "")
+        if both:
+            line += f" {rows['triton']['ms'] / rows['cuda']['ms']:.2f} |" if {"cuda", "triton"} <= set(rows) else " |"
         lines.append(line)
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    for path in sys.argv[1:]:
-        print(markdown(json.loads(Path(path).read_text())))
+def main(argv: list[str]) -> None:
+    plot = "--plot" in argv
+    for path in (a for a in argv if a != "--plot"):
+        result = json.loads(Path(path).read_text())
+        print(markdown(result))
         print()
+        if plot:
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from bench_compress import plot as plot_result
+
+            plot_result(result, Path(path).with_suffix(".png"))
+            print(f"wrote {Path(path).with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -459,3 +459,28 @@ def test_cuda_triton_matches_reference(dtype):
         received_scores(q1, k1, cu_seqlens=cu, backend="triton"),
         received_scores_reference(q1.double(), k1.double(), cu_seqlens=cu),
     )
+
+
+@needs_triton
+@pytest.mark.parametrize("with_segments", [False, True], ids=["plain", "cu_seqlens"])
+def test_triton_float32_gpu_tiles(monkeypatch, with_segments):
+    """On a GPU float32 inputs take 32 x 32 tiles (64 x 64 spill there); the interpreter normally keeps
+    64, so run the GPU tiling here by making the launcher believe it is compiling."""
+    from visionzip_kernels.triton import scores as ts
+
+    class Spy:  # records the launch grids
+        def __init__(self, kernel):
+            self.kernel, self.grids = kernel, []
+
+        def __getitem__(self, grid):
+            self.grids.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(ts, "interpreting", lambda: False)
+    spy = Spy(ts._row_lse_kernel)
+    monkeypatch.setattr(ts, "_row_lse_kernel", spy)
+    q, k = make_qk(1, 2, 77, 40, seed=11)
+    cu = torch.tensor([0, 30, 30, 77], dtype=torch.int32) if with_segments else None
+    out = ts.received_scores_triton(q, k, cu)
+    assert spy.grids == [(2, 3)]  # 32-token tiles: cdiv(77, 32)
+    assert_scores_close(out, received_scores_reference(q.double(), k.double(), cu_seqlens=cu))

@@ -684,13 +684,26 @@ def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
 
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
                 pixel_values=None, image_grid_thw=None, mm_token_type_ids=None, mm_encoder_outputs=None, **kwargs):
-        """Encode images first (compressed), then give their tokens the positions of the tokens they
-        stand for, then run the original forward."""
-        if pixel_values is not None and (mm_encoder_outputs is None or mm_encoder_outputs.get("image") is None):
-            mm_encoder_outputs = dict(mm_encoder_outputs or {})
-            mm_encoder_outputs["image"] = base.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-            pixel_values = None
-        image_out = (mm_encoder_outputs or {}).get("image")
+        """Encode images first (compressed) and place their features at the placeholders, then give
+        those tokens the positions of the tokens they stand for, then run the original forward.
+
+        The features are scattered here rather than handed on as ``mm_encoder_outputs``: transformers
+        before 5.18 has no such argument (and would silently drop it), every 5.x accepts
+        ``inputs_embeds`` together with ``input_ids``."""
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        image_out = mm_encoder_outputs.pop("image", None)
+        if pixel_values is not None and image_out is None:
+            image_out = base.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        pixel_values = None
+        if image_out is not None:
+            if inputs_embeds is None:
+                inputs_embeds = base.get_input_embeddings()(input_ids)
+            image_embeds = torch.cat(tuple(image_out.pooler_output), dim=0)
+            image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = base.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_embeds)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
+        if mm_encoder_outputs:  # videos: left to the model (uncompressed)
+            kwargs["mm_encoder_outputs"] = mm_encoder_outputs
         kept = getattr(image_out, "kept_indices", None)
         cached = past_key_values.get_seq_length() if past_key_values is not None else 0
         if kept is not None and input_ids is not None and mm_token_type_ids is not None and cached == 0:
@@ -706,8 +719,7 @@ def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
         return original_forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, pixel_values=pixel_values,
-            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
-            mm_encoder_outputs=mm_encoder_outputs, **kwargs,
+            image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs,
         )
 
     handle._set(base, "get_image_features", get_image_features)

@@ -1,0 +1,85 @@
+"""Smoke tests of the benchmark scripts: they must run and report what they claim, since their output
+is what the README's numbers come from (speed itself is measured by running them, not here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_compress  # noqa: E402
+import results_table  # noqa: E402
+
+
+def test_bench_compress_runs_and_reports_every_method(tmp_path):
+    out = tmp_path / "r.json"
+    result = bench_compress.main(["--device", "cpu", "--workloads", "llava15", "siglip384", "--skip",
+                                  "compile(reference)", "--min-time", "0", "--out", str(out), "--no-plot"])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"]
+    methods = {(r["workload"], r["method"]) for r in saved["rows"]}
+    for w in ("llava15", "siglip384"):
+        assert {(w, "eager"), (w, "reference"), (w, "cpu")} <= methods
+    for r in saved["rows"]:
+        assert r["ms"] > 0 and r["clone_ms"] > 0 and r["bytes_moved"] > 0
+        assert r["speedup_vs_eager"] == pytest.approx(
+            next(x["ms"] for x in saved["rows"] if x["workload"] == r["workload"] and x["method"] == "eager") / r["ms"]
+        )
+    table = results_table.markdown(saved)
+    assert table.count("\n| llava15 |") == 1 and "(cpu)" in table
+
+
+def test_bench_compress_bytes_moved():
+    w = bench_compress.WORKLOADS["llava15"]
+    # hidden read + CLS rows of the heads + keys read + output written, 2-byte elements
+    expected = 2 * (577 * 1024 + 16 * 577 + 577 * 64 + 64 * 1024)
+    assert bench_compress.bytes_moved(w, 2) == expected
+    w = bench_compress.WORKLOADS["siglip384"]  # no CLS: the whole matrix must be read
+    assert bench_compress.bytes_moved(w, 4) == 4 * (729 * 1152 + 16 * 729 * 729 + 729 * 72 + 64 * 1152)
+
+
+def test_input_sets_one_on_cpu():
+    sets = bench_compress.input_sets(bench_compress.WORKLOADS["llava15"], torch.float32, torch.device("cpu"))
+    assert len(sets) == 1 and sets[0]["attn"].shape == (1, 16, 577, 577)
+
+
+def test_results_table_gpu_columns(tmp_path):
+    rows = []
+    for w, (tri, cu) in {"llava15": (0.02, 0.01), "video": (0.2, 0.25)}.items():
+        for m, ms in (("eager", 5.0), ("compile(reference)", 1.0), ("triton", tri), ("cuda", cu)):
+            rows.append(dict(workload=w, method=m, ms=ms, speedup_vs_eager=5.0 / ms, vs_clone=ms / 0.1,
+                             clone_ms=0.1, bytes_moved=10**6, fraction_of_copy_bw=0.5))
+    result = dict(machine="NVIDIA H100 80GB HBM3", torch="2.x", dtype="float16", copy_bandwidth_gbs=3000.0,
+                  rows=rows)
+    table = results_table.markdown(result)
+    lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "triton / cuda time" in lines["| workload"] and "% of copy BW" in lines["| workload"]
+    assert "500.0x (cuda)" in lines["| llava15"] and lines["| llava15"].endswith(" 2.00 |")
+    assert "25.0x (triton)" in lines["| video"] and lines["| video"].endswith(" 0.80 |")
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(result))
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results_table.py"), "--plot", str(path)],
+                         capture_output=True, text=True, check=True)
+    assert "triton / cuda time" in res.stdout and path.with_suffix(".png").stat().st_size > 0
+
+
+def test_committed_results_render():
+    files = sorted((ROOT / "benchmarks" / "results").glob("compress-*.json"))
+    assert files, "no committed compress results"
+    for f in files:
+        assert "| llava15 |" in results_table.markdown(json.loads(f.read_text()))
+
+
+def test_gpu_script_parses_and_lists_its_stages():
+    script = ROOT / "benchmarks" / "gpu_all.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    res = subprocess.run(["bash", str(script), "no-such-stage"], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/vz-gpu-all-test", "PYTHON": sys.executable})
+    assert res.returncode == 2 and "stages: build gpu-tests" in res.stdout

@@ -37,11 +37,11 @@ IMAGE_TOKEN = 32000
 TEXT_BEFORE, TEXT_AFTER = 35, 20  # a short system prompt + question around the image
 
 
-def build_model(llm_layers: int, dtype, device):
+def build_model(llm_layers: int, dtype, device, vision_layers: int = 24):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
                               num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
     text = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=llm_layers,
                        num_attention_heads=16, num_key_value_heads=16, vocab_size=32064,
@@ -73,7 +73,7 @@ def run_one(args) -> dict:
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.llm_layers, dtype, device)
+    model = build_model(args.llm_layers, dtype, device, args.vision_layers)
     budget = args.budget
     if budget:
         apply_visionzip(model, budget=budget)
@@ -159,6 +159,7 @@ def main() -> None:
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="float16 on cuda, float32 on cpu")
     p.add_argument("--llm-layers", type=int, default=12)
+    p.add_argument("--vision-layers", type=int, default=24, help="tower depth (24: CLIP ViT-L; fewer for a smoke run)")
     p.add_argument("--budgets", default="64,128,192")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
@@ -179,7 +180,8 @@ def main() -> None:
     rows = []
     for budget in [0] + [int(b) for b in args.budgets.split(",")]:
         cmd = [sys.executable, __file__, "--one", "--budget", str(budget), "--device", args.device,
-               "--dtype", args.dtype, "--llm-layers", str(args.llm_layers), "--repeats", str(args.repeats),
+               "--dtype", args.dtype, "--llm-layers", str(args.llm_layers), "--vision-layers", str(args.vision_layers),
+               "--repeats", str(args.repeats),
                "--warmup", str(args.warmup), "--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
@@ -210,7 +212,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
         "benchmark": "bench_e2e: LLaVA prefill (vision + LLM, one forward, one image), VisionZip vs unpatched",
-        "model": {"vision": "CLIP ViT-L/14-336 (24 layers, 1024 wide), random weights",
+        "model": {"vision": f"CLIP ViT-L/14-336 ({args.vision_layers} layers, 1024 wide), random weights",
                   "llm": f"Llama hidden 1024, {args.llm_layers} layers, intermediate 2816, vocab 32064, random",
                   "prompt_text_tokens": TEXT_BEFORE + TEXT_AFTER},
         "device": args.device, "dtype": args.dtype, "machine": info, "repeats": args.repeats,

@@ -124,10 +124,12 @@ def run_pipeline(pipeline: str, model, cap: SelectionLayerCapture, pixels: torch
 def worker(args) -> dict:
     sys.path.insert(0, ROOT)
     device = torch.device(args.device)
-    model = build_tower(args.pipeline, args.layers).to(device)
+    dtype = getattr(torch, args.dtype)
+    model = build_tower(args.pipeline, args.layers).to(device, dtype)
     cap = SelectionLayerCapture(model)
     g = torch.Generator().manual_seed(1)
-    pixels = torch.randn(args.batch, 3, CLIP_L_336["image_size"], CLIP_L_336["image_size"], generator=g).to(device)
+    size = CLIP_L_336["image_size"]
+    pixels = torch.randn(args.batch, 3, size, size, generator=g).to(device, dtype)
     cuda = device.type == "cuda"
 
     def call():
@@ -216,7 +218,7 @@ def run_config(args, pipeline: str, batch: int) -> dict:
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker",
         "--pipeline", pipeline, "--batch", str(batch), "--repeats", str(args.repeats),
-        "--k", str(args.k), "--layers", str(args.layers), "--device", args.device,
+        "--k", str(args.k), "--layers", str(args.layers), "--device", args.device, "--dtype", args.dtype,
     ]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
@@ -234,15 +236,22 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", default="1,8", help="batch sizes, comma separated (default: 1,8)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per configuration (after one untimed call)")
+    p.add_argument("--batch", default=None, help="batch sizes, comma separated (default: 1,8 on cpu, 1,8,32 on cuda)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per configuration, after one untimed call (default: 3 on cpu, 20 on cuda)")
     p.add_argument("--k", type=int, default=64, help="VisionZip budget (default 64 = 54 + 10)")
     p.add_argument("--layers", type=int, default=CLIP_L_336["num_hidden_layers"], help="tower depth (24: CLIP-L)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights and activations (default: float16 on cuda, float32 on cpu)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bench_scores_<machine>.json)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pipeline", choices=PIPELINES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.dtype = args.dtype or ("float16" if cuda else "float32")
+    args.batch = args.batch or ("1,8,32" if cuda else "1,8")
+    args.repeats = args.repeats or (20 if cuda else 3)
 
     if args.worker:
         batch = int(args.batch)
@@ -254,7 +263,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     info = machine_info(args.device)
     print(f"# {info['cpu_model']} ({info['cpu_count']} CPUs, {info['torch_threads']} torch threads), torch {info['torch']}"
           + (f", {info['gpu']}" if "gpu" in info else ""))
-    print(f"# CLIP ViT-L/14-336 ({args.layers} layers, random weights), k={args.k}, median of {args.repeats} calls")
+    print(f"# CLIP ViT-L/14-336 ({args.layers} layers, random weights, {args.dtype}), k={args.k}, "
+          f"median of {args.repeats} calls")
     rows = []
     for batch in batches:
         res = {pl: run_config(args, pl, batch) for pl in PIPELINES}
@@ -301,7 +311,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 benchmark="bench_scores",
                 date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                 machine=info,
-                config=dict(tower="CLIP ViT-L/14-336", layers=args.layers, k=args.k, repeats=args.repeats),
+                config=dict(tower="CLIP ViT-L/14-336", layers=args.layers, k=args.k, repeats=args.repeats,
+                            dtype=args.dtype),
                 memory_metric=(
                     "VmHWM growth over VmRSS before the first call (CPU), max_memory_allocated growth (CUDA)"
                 ),

@@ -58,6 +58,10 @@ run_stage() {
 }
 
 stage_build() {
+  # setuptools < 77 rejects pyproject's SPDX license string; the device gets a copy of the tree, so
+  # rewrite it there to the older table form rather than lose the whole call to it
+  $PY -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
+    || sed -i 's/^license = "\(.*\)"$/license = {text = "\1"}/' pyproject.toml
   $PY setup.py -q build_ext --inplace >>"$LOG" 2>&1 || { tail -n 40 "$LOG"; return 1; }
   $PY -c "import visionzip_kernels as vz; from visionzip_kernels import ops
 b = vz.available_backends('cuda'); print('backends on cuda:', b)

@@ -83,3 +83,30 @@ def test_gpu_script_parses_and_lists_its_stages():
     res = subprocess.run(["bash", str(script), "no-such-stage"], capture_output=True, text=True,
                          env={"PATH": "/usr/bin:/bin", "OUT": "/tmp/vz-gpu-all-test", "PYTHON": sys.executable})
     assert res.returncode == 2 and "stages: build gpu-tests" in res.stdout
+
+
+def test_bench_scores_smoke(tmp_path):
+    """Two-layer tower, B=1, one timed call per pipeline: the script runs and both pipelines agree."""
+    import bench_scores
+
+    out = tmp_path / "scores.json"
+    bench_scores.main(["--device", "cpu", "--layers", "2", "--batch", "1", "--repeats", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["config"]["dtype"] == "float32" and res["config"]["layers"] == 2
+    (row,) = res["results"]
+    assert row["batch"] == 1 and row["eager"]["median_s"] > 0 and row["sdpa"]["median_s"] > 0
+    assert row["dominant_agreement"] == 1.0
+
+
+def test_bench_e2e_smoke(tmp_path):
+    """Tiny LLaVA (two tower layers, one LLM layer), unpatched and k=64: prefill, vision and LLM timed."""
+    out = tmp_path / "e2e.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--device", "cpu", "--vision-layers",
+                    "2", "--llm-layers", "1", "--budgets", "64", "--repeats", "1", "--warmup", "0", "--out",
+                    str(out)], check=True, capture_output=True, text=True)
+    res = json.loads(out.read_text())
+    base, vz = res["results"]
+    assert (base["budget"], base["image_tokens"], vz["budget"], vz["image_tokens"]) == (None, 576, 64, 64)
+    assert vz["sequence_length"] == base["sequence_length"] - 512
+    for r in (base, vz):
+        assert r["prefill_ms"] > 0 and r["vision_ms"] > 0 and r["llm_ms"] > 0 and r["llm_speedup"] > 0

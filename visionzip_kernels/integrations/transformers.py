@@ -700,7 +700,9 @@ def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
                 inputs_embeds = base.get_input_embeddings()(input_ids)
             image_embeds = torch.cat(tuple(image_out.pooler_output), dim=0)
             image_embeds = image_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
-            image_mask, _ = base.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_embeds)
+            image_mask, _ = base.get_placeholder_mask(
+                input_ids, inputs_embeds=inputs_embeds, image_features=image_embeds
+            )
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
         if mm_encoder_outputs:  # videos: left to the model (uncompressed)
             kwargs["mm_encoder_outputs"] = mm_encoder_outputs

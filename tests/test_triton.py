@@ -111,6 +111,49 @@ def test_many_targets_and_wide_rows():
     check_against_reference(case, run_triton(case), exact=True)
 
 
+@pytest.mark.parametrize("splits,c", [(3, 33), (4, 50), (2, 17)])
+@pytest.mark.parametrize("form,has_cls,with_keys", [("rows", True, True), ("full", False, False),
+                                                    ("scores", True, False)])
+def test_channel_splits_bit_identical(monkeypatch, splits, c, form, has_cls, with_keys):
+    """Several programs per image (each a channel slice, uneven when C % S != 0) give exactly the
+    one-program result, indices included, and satisfy the oracle; poisoned outputs catch a slice
+    nobody wrote."""
+    case = make_case(2, 45, c, k=14, form=form, has_cls=has_cls, key_dim=8 if with_keys else None, device=DEVICE)
+    monkeypatch.setattr(tc, "CHANNEL_SPLITS", 1)
+    one = run_triton(case)
+    monkeypatch.setattr(tc, "CHANNEL_SPLITS", splits)
+    with poisoned_empty():
+        many = run_triton(case)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+    check_against_reference(case, many)
+
+
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_channel_splits_contextual_zero(monkeypatch, has_cls):
+    """Cx = 0 with several programs: unassigned tokens map to -1 (written by no other phase)."""
+    monkeypatch.setattr(tc, "CHANNEL_SPLITS", 3)
+    case = make_case(2, 40, 20, k=10, contextual=0, has_cls=has_cls, device=DEVICE)
+    res = run_triton(case)
+    check_against_reference(case, res)
+    assert int((res.token_map == -1).sum()) == 2 * (40 - 10)
+
+
+def test_channel_split_choice(monkeypatch):
+    """About two programs per SM, >= MIN_SPLIT_CHANNELS channels each, <= 2 with hidden as metric."""
+    monkeypatch.setattr(tc, "CHANNEL_SPLITS", None)
+    monkeypatch.setattr(tc, "_sm_count", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert tc.channel_splits(1, 1024, False, cuda) == 4  # capped by 1024 / 256 channels
+    assert tc.channel_splits(32, 1024, False, cuda) == 4  # ceil(264 / 32) = 9 -> 4
+    assert tc.channel_splits(100, 1024, False, cuda) == 3
+    assert tc.channel_splits(256, 1024, False, cuda) == 2
+    assert tc.channel_splits(512, 1024, False, cuda) == 1
+    assert tc.channel_splits(1, 1024, True, cuda) == 2
+    assert tc.channel_splits(8, 200, False, cuda) == 1  # rows too narrow to split
+    assert tc.channel_splits(8, 1024, False, torch.device("cpu")) == 1  # the interpreter
+
+
 @pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
 def test_contextual_zero(has_cls):
     case = make_case(2, 40, 9, k=10, contextual=0, has_cls=has_cls, device=DEVICE)

@@ -17,7 +17,6 @@ from visionzip_kernels import ops
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_compress_kernel", "_received_attention_kernel", "_cls_scores_kernel", "_row_lse_kernel",
            "_column_sums_kernel"}
-SCORE_KERNELS = {"_cls_scores_kernel", "_row_lse_kernel", "_column_sums_kernel"}
 
 
 @pytest.mark.skipif(ops.TRITON is None, reason="triton is not installed")
@@ -37,7 +36,7 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         for name, regs, spill_st, spill_ld, *_ in rows:
             assert 0 < int(regs) <= 255
             spills = int(spill_st) + int(spill_ld)
-            if name in SCORE_KERNELS:  # 64 x 64 float32 tiles spilled ~1 KB; 32 x 32 do not
+            if name == "_received_attention_kernel" and section.startswith("sm_80"):
+                assert spills <= 32, f"{name} spills {spills} B:\n{section}"  # ptxas keeps 28 B there
+            else:
                 assert spills == 0, f"{name} spills:\n{section}"
-            else:  # a few bytes in ptxas' allocation of the compress kernels (one-chunk, pre-pass on sm_80)
-                assert spills <= 64, f"{name} spills {spills} B:\n{section}"

@@ -2,9 +2,18 @@
 
 Design
 ------
-One program per image runs the whole pass (``_compress_kernel``, grid ``(B,)``), in phases separated
-by ``tl.debug_barrier()`` (a CTA barrier: later phases read what other threads of the same program
-wrote to the small global workspace):
+One launch, grid ``(B, S)``: program (b, s) runs the whole pass for image b, in phases separated by
+``tl.debug_barrier()`` (a CTA barrier: later phases read what other threads of the same program wrote
+to its small global workspace), and writes output channels [s * C/S, (s + 1) * C/S). One program per
+image (S = 1) would leave most of a GPU idle for small batches (B = 32 frames fill 32 of 132 SMs) and
+could not reach the memory bandwidth; splitting the image by channels keeps one launch and no
+grid-wide step: every program of an image repeats the cheap phases 1-3 and 5-8 (the attention rows
+and the Ck = 64 metric, mostly L2 hits when the programs of an image run together) and the row phases
+4 and 9, where the bytes are, are divided. ``channel_splits`` picks S for about two programs per SM and
+at least 256 channels per program, at most 2 when the hidden states are the metric (every program
+then reads them all for the assignment); S = 1 in the interpreter. The programs of an image write
+identical index values, and per-channel sums keep their order, so results are bit-identical for
+every S (tested).
 
 1. scores: sum over heads of the attention rows (B, H, N) in float32, heads in order h = 0..H-1
    exactly as the C++ kernel does, turned into order-preserving int32 keys (-0.0 == +0.0, NaN below
@@ -37,17 +46,19 @@ bytes of indices. The int32 workspace (6*N*4 bytes, L2-resident) is written once
 phases, the keys up to 33 times by the bisection (once when N <= BLOCK_N, from registers).
 For CLIP-L (N = 577, C = 1024, H = 16, Ck = 64, k = 192, fp16): about 1.18 MB hidden + 18 KB attention
 + 53 KB keys read, 393 KB + 6 KB written.
-Limits: N < 2**31 (int32 token indices in the workspace; offsets are int64); C, Ck and Cx are tiled, so the register
-footprint is fixed by the BLOCK_* constants (ptxas for sm_90: 128 registers with BLOCK_N = 1024,
-about 200 without spills with BLOCK_N = 4096, 16-32 KB shared memory), not by N, C or Cx. One program
-per image keeps a small batch on few SMs: the R*Cx*Ck similarity FMAs of an image run on one SM (fine
-with Ck = 64 keys, slow-ish with the hidden states as metric, Ck = C = 1024, and B = 1).
+With S programs per image the attention rows and the metric are read S times, mostly from L2.
+Limits: N < 2**31 (int32 token indices in the workspace; offsets are int64); C, Ck and Cx are tiled,
+so the register footprint is fixed by the BLOCK_* constants, not by N, C or Cx (ptxas, sm_90a, from
+tools/check_triton_build.py: 64-80 registers with BLOCK_N = 1024, 238-255 with BLOCK_N = 4096, no
+spills, 12-32 KB shared memory). The R*Cx*Ck similarity FMAs of an image run in each of its programs
+(fine with Ck = 64 keys, slow-ish with the hidden states as metric, Ck = C = 1024, and B = 1).
 float64 hidden states are not supported (ValueError); attn and keys of any float dtype (float64
 included) are converted to float32 on load, as the C++ kernel does.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -58,6 +69,10 @@ from .._validation import CompressPlan, check_compress_inputs
 
 #: Largest token chunk of the selection phases (a power of 2). Tests lower it to cover the chunked path.
 MAX_BLOCK_N = 4096
+#: Programs per image (channel slices) when set; None picks them from the batch and the SM count.
+CHANNEL_SPLITS: Optional[int] = None
+#: Fewest output channels one program writes when the choice is automatic (256 fp16 = 512-byte rows).
+MIN_SPLIT_CHANNELS = 256
 
 
 @triton.jit
@@ -99,8 +114,9 @@ def _compress_kernel(
     att_ptr, s_ab, s_ah, s_an,  # attention rows (B, H, N)
     met_ptr, s_mb, s_mn, s_mc,  # metric (B, N, CM): keys or hidden
     out_ptr, dom_ptr, tgt_ptr, map_ptr,  # contiguous outputs (B, D+CX, C), (B, D), (B, CX), (B, N)
-    ws_ptr, inv_ptr,  # workspaces: int32 (B, 6, N), float32 (B, max(CX, 1))
+    ws_ptr, inv_ptr,  # workspaces: int32 (B * S, 6, N), float32 (B * S, max(CX, 1))
     N, C, CM, H, D, CX, STEP,
+    C_SPLIT,  # channels per program: program (b, s) writes output channels [s * C_SPLIT, (s + 1) * C_SPLIT)
     HAS_CLS: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # N <= BLOCK_N: the keys stay in registers during the bisection
     BLOCK_N: tl.constexpr,  # tokens per chunk (scores, selection)
@@ -111,16 +127,23 @@ def _compress_kernel(
     BLOCK_K: tl.constexpr,  # metric channels per dot
 ):
     b = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    c_lo = split * C_SPLIT
+    c_hi = tl.minimum(c_lo + C_SPLIT, C)
     K = D + CX
     R = N - D
-    ws = ws_ptr + b * (6 * N)
+    # Every program of an image runs phases 1-3 and 5-8 itself (cheap: the attention rows and the
+    # metric, mostly from L2 when the programs of an image run together) in a workspace of its own,
+    # and writes the same index values; only the row phases 4 and 9 are split, by channels.
+    ws = ws_ptr + (b * n_split + split) * (6 * N)
     keys_ws = ws
     rest_ws = ws + N  # token index of each remaining position
     lab_ws = ws + 2 * N  # target label of each remaining position
     mem_ws = ws + 3 * N  # members grouped by target (ascending token order inside a group)
     cnt_ws = ws + 4 * N  # members per target
     off_ws = ws + 5 * N  # first slot of each target's group in mem_ws
-    inv_ws = inv_ptr + b * tl.maximum(CX, 1)
+    inv_ws = inv_ptr + (b * n_split + split) * tl.maximum(CX, 1)
     out_b = out_ptr + b * K * C
     hid_b = hid_ptr + b * s_hb
     met_b = met_ptr + b * s_mb
@@ -194,7 +217,8 @@ def _compress_kernel(
         rest = jm & (sel == 0)
         tl.store(dom_b + dpos, j.to(tl.int64), mask=sel)
         tl.store(map_b + j, dpos.to(tl.int64), mask=sel)
-        tl.store(map_b + j, tl.full([BLOCK_N], -1, dtype=tl.int64), mask=rest)  # overwritten if CX > 0
+        # -1 only when nothing overwrites it: programs of one image must never write different values
+        tl.store(map_b + j, tl.full([BLOCK_N], -1, dtype=tl.int64), mask=rest & (CX == 0))
         tl.store(rest_ws + rpos, j, mask=rest)
         is_tgt = rest & (rpos % STEP == 0) & (rpos // STEP < CX)
         tl.store(tgt_b + rpos // STEP, j.to(tl.int64), mask=is_tgt)
@@ -209,9 +233,9 @@ def _compress_kernel(
         r = r0 + offs_r
         rm = r < D
         tok = tl.load(dom_b + r, mask=rm, other=0)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             c = c0 + offs_c
-            m2 = rm[:, None] & (c < C)[None, :]
+            m2 = rm[:, None] & (c < c_hi)[None, :]
             x = tl.load(hid_b + tok[:, None] * s_hn + c[None, :] * s_hc, mask=m2)
             tl.store(out_b + r[:, None] * C + c[None, :], x, mask=m2)
 
@@ -308,9 +332,9 @@ def _compress_kernel(
         first = tl.load(off_ws + t)
         trow = tl.load(tgt_b + t)
         denom = tl.maximum(n_mem, 1).to(tl.float32)
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_lo, c_hi, BLOCK_C):
             c = c0 + offs_c
-            cm = c < C
+            cm = c < c_hi
             part = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
             for q0 in range(0, n_mem, BLOCK_R):
                 q = q0 + offs_r
@@ -326,6 +350,24 @@ def _compress_kernel(
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def channel_splits(batch: int, channels: int, metric_is_hidden: bool, device: torch.device) -> int:
+    """Programs per image: enough for about two programs per SM, each writing at least
+    MIN_SPLIT_CHANNELS channels; at most 2 when the hidden states are the metric (every program reads
+    all of them for the assignment). 1 in the interpreter, where each program instance costs time."""
+    if CHANNEL_SPLITS is not None:
+        return max(1, min(int(CHANNEL_SPLITS), channels))
+    if device.type != "cuda" or batch == 0:
+        return 1
+    want = -(-2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) // batch)
+    cap = max(1, channels // MIN_SPLIT_CHANNELS)
+    return max(1, min(want, cap, 2 if metric_is_hidden else cap))
 
 
 def interpreting() -> bool:
@@ -417,25 +459,28 @@ def compress_triton(
     metric = keys if keys is not None else hidden
     cm = metric.shape[2]
 
-    ws = torch.empty((b, 6, n), dtype=torch.int32, device=dev)
-    inv = torch.empty((b, max(cx, 1)), dtype=torch.float32, device=dev)
+    splits = channel_splits(b, c, keys is None, dev)
+    c_split = -(-c // splits)
+    ws = torch.empty((b * splits, 6, n), dtype=torch.int32, device=dev)
+    inv = torch.empty((b * splits, max(cx, 1)), dtype=torch.float32, device=dev)
     # Zero-size outputs get a one-element stand-in pointer (never written: every store is masked off).
     dom_arg = dom if d > 0 else torch.empty(1, dtype=torch.long, device=dev)
     tgt_arg = tgt if cx > 0 else torch.empty(1, dtype=torch.long, device=dev)
 
     block_n = max(16, min(_next_pow2(n), MAX_BLOCK_N))  # blocks of at least 16 lanes (tl.dot, layouts)
-    _compress_kernel[(b,)](
+    _compress_kernel[(b, splits)](
         hidden, *hidden.stride(),
         rows, rows.stride(0), rows.stride(1), rows.stride(2),
         metric, *metric.stride(),
         out, dom_arg, tgt_arg, tmap,
         ws, inv,
-        n, c, cm, rows.shape[1], d, cx, plan.step,
+        n, c, cm, rows.shape[1], d, cx, plan.step, c_split,
         HAS_CLS=bool(has_cls),
         ONE_CHUNK=n <= block_n,
         BLOCK_N=block_n,
         BLOCK_R=8,
-        BLOCK_C=max(16, min(_next_pow2(c), 1024)),  # a CLIP-L row in one tile
+        # a program's channel slice in one tile up to 512 (an (8, 1024) float32 tile spilled on sm_90)
+        BLOCK_C=max(16, min(_next_pow2(c_split), 512)),
         BLOCK_P=32,
         BLOCK_T=16 if cx <= 16 else 32,
         BLOCK_K=max(16, min(_next_pow2(cm), 64)),

@@ -144,3 +144,49 @@ def test_emulated_realistic_sizes(runner, kw, threads):
     case = make_case(**kw)
     res, _ = _run(runner, case, threads=threads)
     check_against_reference(case, res)
+
+
+@pytest.mark.parametrize(
+    "kw, splits",
+    [
+        (dict(b=2, n=65, c=64, k=16, dtype=torch.float16), 3),  # 16-byte path, slices 24 + 24 + 16
+        (dict(b=2, n=70, c=40, k=14, key_dim=None), 2),  # float32, hidden as metric, slices 24 + 16
+        (dict(b=1, n=64, c=20, k=20, form="rows", has_cls=False, dtype=torch.bfloat16), 2),  # scalar path
+        (dict(b=2, n=81, c=64, k=20, has_cls=False, dtype=torch.float16), 4),  # with the score pre-pass
+        (dict(b=2, n=65, c=48, k=16, contextual=0), 3),  # Cx = 0: unassigned tokens map to -1
+    ],
+    ids=["f16-vec", "f32-hidden-metric", "bf16-scalar", "f16-partials", "cx0"],
+)
+def test_emulated_channel_splits_bit_identical(runner, kw, splits):
+    """Several blocks per image (channel slices) give exactly the one-block result, indices included."""
+    case = make_case(**kw)
+    one, plan_one = _run(runner, case, splits=1)
+    many, plan_many = _run(runner, case, splits=splits)
+    assert "splits=1 " in plan_one and f"splits={splits} " in plan_many, (plan_one, plan_many)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+    check_against_reference(case, many)
+
+
+def test_emulated_channel_splits_global_scratch(runner):
+    """Each block of an image normalises the targets into its own slot of the global scratch."""
+    case = make_case(2, 65, 32, k=24, key_dim=64)
+    one, _ = _run(runner, case, smem_limit=2500, splits=1)
+    many, plan = _run(runner, case, smem_limit=2500, splits=2)
+    assert "targets_in_smem=0" in plan and "splits=2 " in plan, plan
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_emulated_channel_split_choice(runner):
+    """The binding's choice: ~2 blocks per SM, >= 256 channels each, <= 2 with the hidden metric."""
+    case = make_case(1, 40, 1024, k=10, key_dim=16)
+    res, plan = _run(runner, case, num_sms=132)
+    assert "splits=4 split_channels=256" in plan, plan
+    check_against_reference(case, res)
+    case = make_case(1, 40, 1024, k=10, key_dim=None)
+    _, plan = _run(runner, case, num_sms=132)
+    assert "splits=2 split_channels=512" in plan, plan
+    case = make_case(300, 20, 512, k=6, key_dim=4)
+    _, plan = _run(runner, case, num_sms=132)
+    assert "splits=1 " in plan, plan

@@ -372,6 +372,38 @@ def test_api_backend_and_registration():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("visionzip::compress_with_indices", "CUDA")
 
 
+def test_api_calls_the_launcher_directly_only_when_nothing_needs_the_op(monkeypatch):
+    """Plain eager inference skips the custom op's Python dispatch; autograd, torch.compile and
+    dispatch modes go through the op (which they need), with the same results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from visionzip_kernels import api
+
+    calls = []
+    launch = ops.TRITON.launch_compress
+    monkeypatch.setattr(ops.TRITON, "launch_compress", lambda *a: calls.append("direct") or launch(*a))
+    case = make_case(2, 37, 20, k=16, device=DEVICE)
+    ref = run_triton(case)
+    run = lambda **kw: vz.compress(case.hidden, case.attn, case.k, backend="triton", **case.kwargs(), **kw)  # noqa
+    assert torch.equal(run(), ref.output) and calls == ["direct"]
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Counting():
+        assert not api._direct_call_ok(case.hidden)
+        assert torch.equal(run(), ref.output)
+    assert calls == ["direct"]
+    hidden = case.hidden.clone().requires_grad_()
+    assert not api._direct_call_ok(hidden)
+    with torch.no_grad():
+        assert api._direct_call_ok(hidden)
+    out = vz.compress(hidden, case.attn, case.k, backend="triton", **case.kwargs())
+    assert calls == ["direct"] and out.grad_fn is not None
+    torch.testing.assert_close(out.detach(), ref.output, rtol=0, atol=0)
+
+
 def test_package_imports_without_triton():
     """With triton unavailable the package still imports, ops.TRITON is None and no triton backend is offered."""
     code = textwrap.dedent(
@@ -414,6 +446,20 @@ GPU_WORKLOADS = [
     (5, 4097, False, "scores", 128, torch.float16),
     (1, 4097, False, "full", 64, torch.float32),
 ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,c,with_keys", [(1, 1024, True), (32, 1024, True), (8, 1152, False)])
+def test_gpu_channel_splits_bit_identical(monkeypatch, b, c, with_keys):
+    """The automatic channel split (several programs per image) equals one program per image exactly."""
+    case = make_case(b, 577, c, k=64, dtype=torch.float16, key_dim=64 if with_keys else None, device="cuda")
+    monkeypatch.setattr(tc, "CHANNEL_SPLITS", None)
+    assert tc.channel_splits(b, c, not with_keys, case.hidden.device) > 1
+    auto = run_triton(case)
+    monkeypatch.setattr(tc, "CHANNEL_SPLITS", 1)
+    one = run_triton(case)
+    for x, y in zip(auto, one):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.gpu

@@ -57,7 +57,8 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
   const int n = int(g.tokens), cx = int(g.contextual), cm = int(g.metric.size(2));
   const ck::LaunchPlan plan =
-      ck::plan_compress(int(g.batch), n, cx, cm, int(g.heads), int(g.queries), size_t(smem_optin), num_sms);
+      ck::plan_compress(int(g.batch), n, cx, cm, int(g.heads), int(g.queries), size_t(smem_optin), num_sms,
+                        int(g.channels), !keys.has_value());
   TORCH_CHECK(plan.ok, "visionzip::compress (CUDA kernel): N = ", n, " tokens with contextual = ", cx,
               " need ", plan.smem_needed, " bytes of shared memory per block, more than the ", smem_optin,
               " this device allows; use backend='triton' or 'reference'");
@@ -67,7 +68,9 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   const auto f32 = g.hidden.options().dtype(at::kFloat);
   at::Tensor partials, scratch;
   if (plan.partial_slices > 1) partials = at::empty({g.batch, plan.partial_slices, g.tokens}, f32);
-  if (cx > 0 && !plan.targets_in_smem) scratch = at::empty({g.batch, g.contextual, g.metric.size(2)}, f32);
+  if (cx > 0 && !plan.targets_in_smem) {
+    scratch = at::empty({g.batch * plan.channel_splits, g.contextual, g.metric.size(2)}, f32);
+  }
 
   ck::CompressParams p{};
   p.hidden = g.hidden.data_ptr();
@@ -92,6 +95,7 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   p.contextual = cx;
   p.step = int(g.step());
   p.partial_slices = plan.partial_slices;
+  p.split_channels = plan.split_channels;
   p.has_cls = g.has_cls;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();

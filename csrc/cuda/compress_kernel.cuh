@@ -2,7 +2,12 @@
 // so it compiles with plain nvcc and (with tests/cuda_emulation/host_emulation.h providing the CUDA
 // built-ins) as host C++, which is how the block algorithm is tested without a GPU.
 //
-// One thread block per image does the whole pass in shared memory:
+// Grid (B, S): block (b, s) does the whole pass for image b in shared memory and writes output
+// channels [s * split, (s + 1) * split). With few images one block per image would leave most SMs idle
+// (B = 32 frames: 32 blocks on 132 SMs) and the row phases, where the bytes are, on those few SMs;
+// the S blocks of an image repeat the cheap phases (attention rows, the Cm = 64 metric: L2 hits when
+// they run together), write identical index values, and split the row phases 3 and 6 by channels.
+// Per-channel sums keep their order, so the output is bit-identical for every S. The phases:
 //   1. scores: column sums of the (B, H, Q, N) attention view over heads (and queries), float32,
 //      in a fixed h-then-q order per column (16-byte loads where aligned). For received attention
 //      with few images, a pre-pass kernel (score_partials_kernel) splits the H*Q rows over several
@@ -44,7 +49,7 @@
 namespace visionzip {
 namespace cuda_kernel {
 
-constexpr int kThreads = 512;         // main kernel: threads per block (one block per image)
+constexpr int kThreads = 512;         // main kernel: threads per block (S blocks per image)
 constexpr int kMinBlocks = 2;         // main kernel: <= 64 registers, two images per SM
 constexpr int kPartialThreads = 256;  // score pre-pass: threads per block
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -57,13 +62,14 @@ struct CompressParams {
   int64_t attn_stride_b, attn_stride_h, attn_stride_q;
   const void* metric;  // (B, N, Cm) contiguous, metric_t (keys, or hidden itself)
   float* score_partials;  // (B, S, N) float32 column sums of row slices, or nullptr (S == 1)
-  float* target_scratch;  // (B, Cx, Cm) float32 when the normalised targets do not fit in shared memory
+  float* target_scratch;  // (B * S, Cx, Cm) float32 when the normalised targets do not fit in shared memory
   void* out;              // (B, D + Cx, C) scalar_t
   int64_t* dominant;      // (B, D)
   int64_t* targets;       // (B, Cx)
   int64_t* token_map;     // (B, N)
   int batch, tokens, channels, metric_dim, heads, queries;
   int dominant_count, contextual, step, partial_slices;
+  int split_channels;  // output channels per block (gridDim.y blocks per image), a multiple of 8
   bool has_cls;
 };
 
@@ -94,12 +100,26 @@ struct LaunchPlan {
   size_t smem_needed = 0;     // minimum the shape needs (for the error message)
   bool targets_in_smem = false;
   int partial_slices = 1;     // row slices per image of the received-attention pre-pass
+  int channel_splits = 1;     // blocks per image (grid y), each writing split_channels channels
+  int split_channels = 0;
 };
 
 // Host-side launch geometry, shared by the torch binding and the emulation tests.
+// channels: C; metric_is_hidden: no keys given (each block then reads all hidden rows for the
+// assignment, so at most 2 blocks per image); splits: blocks per image, 0 to choose.
 inline LaunchPlan plan_compress(int batch, int n, int cx, int cm, int heads, int queries, size_t smem_limit,
-                                int num_sms) {
+                                int num_sms, int channels, bool metric_is_hidden, int splits = 0) {
   LaunchPlan plan;
+  if (splits <= 0) {  // about two blocks per SM (kMinBlocks), at least 256 channels per block
+    const int64_t want = batch > 0 ? (2 * int64_t(num_sms) + batch - 1) / batch : 1;
+    int64_t cap = channels / 256 > 1 ? channels / 256 : 1;
+    if (metric_is_hidden && cap > 2) cap = 2;
+    splits = int(want < 1 ? 1 : (want > cap ? cap : want));
+  }
+  // a multiple of 8 channels keeps every slice 16-byte aligned; recount the blocks that get any
+  const int per = (channels + splits - 1) / (splits > 0 ? splits : 1);
+  plan.split_channels = (per + 7) / 8 * 8 > 0 ? (per + 7) / 8 * 8 : 8;
+  plan.channel_splits = channels > 0 ? (channels + plan.split_channels - 1) / plan.split_channels : 1;
   plan.smem_needed = smem_layout(n, cx, cm, false).total;
   if (plan.smem_needed > smem_limit) return plan;
   plan.ok = true;
@@ -321,30 +341,36 @@ VZ_DEVICE uint64_t select_threshold(const uint64_t* keys, int n, int d, int* his
   return prefix;
 }
 
-// out rows [0, rows) = hidden rows src[0..rows), raw copies (16 bytes at a time when aligned).
+// out rows [0, rows) = hidden rows src[0..rows), channels [c0, c1) of rows of c, raw copies (16 bytes
+// at a time when aligned).
 template <typename scalar_t>
-VZ_DEVICE void copy_rows(const scalar_t* hid, scalar_t* out, const int* src, int rows, int c, bool vec_ok) {
+VZ_DEVICE void copy_rows(const scalar_t* hid, scalar_t* out, const int* src, int rows, int c, int c0, int c1,
+                         bool vec_ok) {
+  const int w = c1 - c0;
   if (vec_ok) {
     constexpr int V = vec_size<scalar_t>();
-    const int units = c / V;
+    const int units = w / V;
     for (int item = int(threadIdx.x); item < rows * units; item += int(blockDim.x)) {
       const int i = item / units, u = item % units;
-      const uint4* s = reinterpret_cast<const uint4*>(hid + int64_t(src[i]) * c) + u;
-      reinterpret_cast<uint4*>(out + int64_t(i) * c)[u] = *s;
+      const uint4* s = reinterpret_cast<const uint4*>(hid + int64_t(src[i]) * c + c0) + u;
+      reinterpret_cast<uint4*>(out + int64_t(i) * c + c0)[u] = *s;
     }
   } else {
-    for (int item = int(threadIdx.x); item < rows * c; item += int(blockDim.x)) {
-      const int i = item / c, u = item % c;
+    for (int item = int(threadIdx.x); item < rows * w; item += int(blockDim.x)) {
+      const int i = item / w, u = c0 + item % w;
       out[int64_t(i) * c + u] = hid[int64_t(src[i]) * c + u];
     }
   }
 }
 
-// contextual row t = hidden[target t] + sum(members) / max(count, 1), V channels per work item.
+// contextual row t = hidden[target t] + sum(members) / max(count, 1) on channels [c0, c1) of rows
+// of c, V channels per work item.
 template <int V, typename scalar_t>
 VZ_DEVICE void segment_means(const scalar_t* hid, scalar_t* out, const int* order, const int* members,
-                             const int* offsets, int cx, int step, int c) {
-  const int units = c / V;
+                             const int* offsets, int cx, int step, int c, int c0, int c1) {
+  const int units = (c1 - c0) / V;
+  hid += c0;
+  out += c0;
   for (int item = int(threadIdx.x); item < cx * units; item += int(blockDim.x)) {
     const int t = item / units, u = item % units;
     const int m0 = offsets[t], m1 = offsets[t + 1];
@@ -391,7 +417,10 @@ VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
   scalar_t* out = static_cast<scalar_t*>(p.out) + int64_t(b) * (d + cx) * c;
   int64_t* dom_out = p.dominant + int64_t(b) * d;
   int64_t* map_out = p.token_map + int64_t(b) * n;
-  const bool rows_vec_ok = (c * int(sizeof(scalar_t))) % 16 == 0 && aligned16(p.hidden) && aligned16(p.out);
+  const int c_lo = int(blockIdx.y) * p.split_channels;
+  const int c_hi = c_lo + p.split_channels < c ? c_lo + p.split_channels : c;
+  const bool rows_vec_ok = (c * int(sizeof(scalar_t))) % 16 == 0 && (c_lo * int(sizeof(scalar_t))) % 16 == 0 &&
+                           aligned16(p.hidden) && aligned16(p.out);
 
   // 1. Scores -> packed keys. The CLS token scores +inf, and wins ties by its index: always kept.
   auto emit_key = [&](int j, float s) { keys[j] = make_key((p.has_cls && j == 0) ? INFINITY : s, j, n); };
@@ -431,7 +460,7 @@ VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
     kept_before += s.total;
   }
   __syncthreads();  // keys are dead from here on; their area holds labels and member lists
-  copy_rows(hid, out, order + r, d, c, rows_vec_ok);
+  copy_rows(hid, out, order + r, d, c, c_lo, c_hi, rows_vec_ok);
   if (cx == 0) {
     for (int i = tid; i < r; i += nthreads) map_out[order[i]] = -1;
     return;
@@ -439,7 +468,7 @@ VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
 
   // 4. Targets and their normalised metric rows.
   float* that = p.target_scratch == nullptr ? reinterpret_cast<float*>(smem + L.targets)
-                                            : p.target_scratch + int64_t(b) * cx * cm;
+                                            : p.target_scratch + (int64_t(b) * gridDim.y + blockIdx.y) * cx * cm;
   for (int t = tid; t < cx; t += nthreads) p.targets[int64_t(b) * cx + t] = order[t * step];
   for (int t = warp; t < cx; t += nwarps) {
     const metric_t* x = met + int64_t(order[t * step]) * cm;
@@ -517,9 +546,10 @@ VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
   }
   __syncthreads();
   if (rows_vec_ok) {
-    segment_means<vec_size<scalar_t>()>(hid, out + int64_t(d) * c, order, members, offsets, cx, step, c);
+    segment_means<vec_size<scalar_t>()>(hid, out + int64_t(d) * c, order, members, offsets, cx, step, c, c_lo,
+                                        c_hi);
   } else {
-    segment_means<1>(hid, out + int64_t(d) * c, order, members, offsets, cx, step, c);
+    segment_means<1>(hid, out + int64_t(d) * c, order, members, offsets, cx, step, c, c_lo, c_hi);
   }
 }
 
@@ -540,7 +570,7 @@ cudaError_t launch_compress(const CompressParams& p, const LaunchPlan& plan, cud
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes));
     if (err != cudaSuccess) return err;
   }
-  kernel<<<unsigned(p.batch), kThreads, plan.smem_bytes, stream>>>(p);
+  kernel<<<dim3(unsigned(p.batch), unsigned(plan.channel_splits)), kThreads, plan.smem_bytes, stream>>>(p);
   return cudaGetLastError();
 }
 #endif

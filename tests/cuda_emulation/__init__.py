@@ -70,9 +70,11 @@ def run_emulated(
     smem_limit: int = 227 * 1024,
     num_sms: int = 132,
     attn_offset: int = 0,
+    splits: int = 0,
     timeout: float = 300.0,
 ) -> tuple[CompressResult, str]:
-    """Run the emulated CUDA pass; returns the result and the runner's plan line."""
+    """Run the emulated CUDA pass (splits: blocks per image, 0 for the binding's choice); returns the
+    result and the runner's plan line."""
     plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
     aux = lambda t: t if t.dtype in (hidden.dtype, torch.float32) else t.float()  # noqa: E731
     base = aux(attn).contiguous()
@@ -86,6 +88,7 @@ def run_emulated(
         DTYPE_CODE[hidden.dtype], DTYPE_CODE[base.dtype], -1 if metric is None else DTYPE_CODE[metric.dtype],
         b, n, c, h, q, cm, plan.dominant, plan.contextual, int(has_cls),
         view.stride(0), view.stride(1), view.stride(2), storage.numel(), threads, smem_limit, num_sms, attn_offset,
+        splits,
     ]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.bin", Path(tmp) / "out.bin"

@@ -103,28 +103,32 @@ inline int atomicAdd(int* p, int v) { return std::atomic_ref<int>(*p).fetch_add(
 
 namespace vz_emulation {
 
-// Runs fn() as a grid of `grid` blocks of `threads` threads with `smem_bytes` of shared memory.
-inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, const std::function<void()>& fn) {
-  gridDim = uint3{grid, 1, 1};
+// Runs fn() as a grid of grid x grid_y blocks of `threads` threads with `smem_bytes` of shared memory,
+// one block after the other (x fastest).
+inline void launch(unsigned grid, unsigned threads, size_t smem_bytes, const std::function<void()>& fn,
+                   unsigned grid_y = 1) {
+  gridDim = uint3{grid, grid_y, 1};
   blockDim = uint3{threads, 1, 1};
-  for (unsigned blk = 0; blk < grid; ++blk) {
-    Block block;
-    block.bar = std::make_unique<std::barrier<>>(threads);
-    for (unsigned w = 0; w < threads / 32; ++w) block.warps.push_back(std::make_unique<Warp>());
-    // Poison the shared memory, so reading what the kernel never wrote shows up in the results.
-    block.smem.assign(smem_bytes / 8 + 2, 0xA5A5A5A5A5A5A5A5ull);
-    current_block = &block;
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
-    for (unsigned t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        threadIdx = uint3{t, 0, 0};
-        blockIdx = uint3{blk, 0, 0};
-        fn();
-      });
+  for (unsigned by = 0; by < grid_y; ++by) {
+    for (unsigned blk = 0; blk < grid; ++blk) {
+      Block block;
+      block.bar = std::make_unique<std::barrier<>>(threads);
+      for (unsigned w = 0; w < threads / 32; ++w) block.warps.push_back(std::make_unique<Warp>());
+      // Poison the shared memory, so reading what the kernel never wrote shows up in the results.
+      block.smem.assign(smem_bytes / 8 + 2, 0xA5A5A5A5A5A5A5A5ull);
+      current_block = &block;
+      std::vector<std::thread> pool;
+      pool.reserve(threads);
+      for (unsigned t = 0; t < threads; ++t) {
+        pool.emplace_back([&, t] {
+          threadIdx = uint3{t, 0, 0};
+          blockIdx = uint3{blk, by, 0};
+          fn();
+        });
+      }
+      for (auto& th : pool) th.join();
+      current_block = nullptr;
     }
-    for (auto& th : pool) th.join();
-    current_block = nullptr;
   }
 }
 

@@ -1,7 +1,7 @@
 // Runs the CUDA kernels of csrc/cuda/compress_kernel.cuh under the host emulation, with the launch
 // plan of the torch binding (plan_compress, pre-pass, scratch buffers). Driven by
 // tests/test_cuda_emulation.py:  runner IN OUT
-// IN: int64 header[20] (see below), then hidden, attn storage, metric (raw little-endian bytes).
+// IN: int64 header[21] (see below), then hidden, attn storage, metric (raw little-endian bytes).
 // OUT: output rows, dominant (int64), targets (int64), token_map (int64); the plan goes to stdout.
 #include "host_emulation.h"
 // clang-format off
@@ -19,7 +19,8 @@ namespace {
 
 enum Header {
   kHiddenDtype, kAttnDtype, kMetricDtype, kB, kN, kC, kH, kQ, kCm, kD, kCx, kHasCls,
-  kStrideB, kStrideH, kStrideQ, kAttnNumel, kThreadsPerBlock, kSmemLimit, kNumSms, kAttnOffset, kHeaderSize
+  kStrideB, kStrideH, kStrideQ, kAttnNumel, kThreadsPerBlock, kSmemLimit, kNumSms, kAttnOffset, kSplits,
+  kHeaderSize
 };
 
 size_t dtype_size(int64_t code) { return code == 0 ? 4 : 2; }  // 0 float32, 1 float16, 2 bfloat16
@@ -41,21 +42,23 @@ void read_exact(FILE* f, void* dst, size_t bytes) {
 template <typename scalar_t, typename attn_t, typename metric_t>
 void run(CompressParams p, const int64_t* hd) {
   const LaunchPlan plan = plan_compress(p.batch, p.tokens, p.contextual, p.metric_dim, p.heads, p.queries,
-                                        size_t(hd[kSmemLimit]), int(hd[kNumSms]));
+                                        size_t(hd[kSmemLimit]), int(hd[kNumSms]), p.channels,
+                                        p.metric == p.hidden, int(hd[kSplits]));
   if (!plan.ok) throw std::runtime_error("shape exceeds the shared memory limit: needs " +
                                          std::to_string(plan.smem_needed));
   p.partial_slices = plan.partial_slices;
+  p.split_channels = plan.split_channels;
   Buffer partials(sizeof(float) * size_t(p.batch) * plan.partial_slices * p.tokens);
-  Buffer scratch(sizeof(float) * size_t(p.batch) * p.contextual * p.metric_dim);
+  Buffer scratch(sizeof(float) * size_t(p.batch) * plan.channel_splits * p.contextual * p.metric_dim);
   p.score_partials = plan.partial_slices > 1 ? partials.as<float>() : nullptr;
   p.target_scratch = (p.contextual > 0 && !plan.targets_in_smem) ? scratch.as<float>() : nullptr;
   if (plan.partial_slices > 1)
     vz_emulation::launch(unsigned(p.batch * plan.partial_slices), kPartialThreads, 0,
                          [&] { score_partials_kernel<attn_t>(p); });
   vz_emulation::launch(unsigned(p.batch), unsigned(hd[kThreadsPerBlock]), plan.smem_bytes,
-                       [&] { compress_kernel<scalar_t, attn_t, metric_t>(p); });
-  std::printf("plan smem=%zu targets_in_smem=%d slices=%d\n", plan.smem_bytes, int(plan.targets_in_smem),
-              plan.partial_slices);
+                       [&] { compress_kernel<scalar_t, attn_t, metric_t>(p); }, unsigned(plan.channel_splits));
+  std::printf("plan smem=%zu targets_in_smem=%d slices=%d splits=%d split_channels=%d\n", plan.smem_bytes,
+              int(plan.targets_in_smem), plan.partial_slices, plan.channel_splits, plan.split_channels);
 }
 
 template <typename scalar_t>

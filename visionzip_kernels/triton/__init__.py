@@ -16,6 +16,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the triton backend of visionzip_kernels needs the `triton` package (pip install 'visionzip-kernels[triton]')"
     ) from exc
 
-from .compress import check_triton_inputs, compress_triton, interpreting
+from .compress import check_triton_inputs, compress_triton, interpreting, launch_compress
 
-__all__ = ["check_triton_inputs", "compress_triton", "interpreting"]
+__all__ = ["check_triton_inputs", "compress_triton", "interpreting", "launch_compress"]

@@ -428,6 +428,14 @@ def compress_triton(
         (B, Cx) int64, token_map (B, N) int64). No host synchronisation, static shapes.
     """
     plan = check_triton_inputs(hidden, attn, k, keys, contextual, has_cls)
+    return launch_compress(plan, hidden, attn, keys, has_cls)
+
+
+def launch_compress(
+    plan: CompressPlan, hidden: torch.Tensor, attn: torch.Tensor, keys: Optional[torch.Tensor], has_cls: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`compress_triton` for inputs already checked into ``plan`` (float16/bfloat16/float32
+    hidden): allocation and launch only."""
     _check_device(hidden)
     b, n, c = plan.batch, plan.tokens, plan.channels
     d, cx = plan.dominant, plan.contextual

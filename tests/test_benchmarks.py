@@ -58,11 +58,18 @@ def test_results_table_gpu_columns(tmp_path):
                              clone_ms=0.1, bytes_moved=10**6, fraction_of_copy_bw=0.5))
     result = dict(machine="NVIDIA H100 80GB HBM3", torch="2.x", dtype="float16", copy_bandwidth_gbs=3000.0,
                   rows=rows)
+    for r in rows:
+        r["device_ms"] = None
     table = results_table.markdown(result)
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert "triton / cuda time" in lines["| workload"] and "% of copy BW" in lines["| workload"]
     assert "500.0x (cuda)" in lines["| llava15"] and lines["| llava15"].endswith(" 2.00 |")
     assert "25.0x (triton)" in lines["| video"] and lines["| video"].endswith(" 0.80 |")
+    rows[-1]["device_ms"], rows[-2]["device_ms"] = 0.2, None
+    text = bench_compress.format_table(result)
+    assert "device ms" in text and "% copy BW" in text and "3000 GB/s" in text
+    assert [ln.split()[6] for ln in text.splitlines() if ln.startswith("video") and "triton" in ln] == ["-"]
+    assert [ln.split()[6] for ln in text.splitlines() if ln.startswith("video") and "cuda" in ln] == ["0.200"]
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps(result))
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "results_table.py"), "--plot", str(path)],

@@ -230,6 +230,27 @@ def test_llava_generate_and_token_count(llava, images):
     assert int((proc(images=images[:1], text=[PROMPT], return_tensors="pt").input_ids == IMAGE).sum()) == 25
 
 
+def test_llava_beam_search_and_several_sequences(llava, images):
+    """Beams x returned sequences repeat the prompt: every row's prefill holds the compressed features."""
+    model, proc = llava
+    handle = apply_visionzip(model, budget=8, processor=proc)
+    rec = LMInputs(model)
+    try:
+        inputs = proc(images=images[:2], text=[PROMPT, PROMPT], return_tensors="pt")
+        feats = model.model.get_image_features(pixel_values=inputs.pixel_values, return_dict=True).pooler_output
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=2, num_return_sequences=2, do_sample=False,
+                             pad_token_id=0)
+        assert out.shape == (4, inputs.input_ids.shape[1] + 3)
+        prefill = rec.calls[0]["inputs_embeds"]
+        assert prefill.shape[0] == 4
+        for row in range(4):
+            got = prefill[row][inputs.input_ids[row // 2] == IMAGE]
+            torch.testing.assert_close(got, feats[row // 2].to(got.dtype), rtol=1e-5, atol=1e-6)
+    finally:
+        rec.close()
+        handle.remove()
+
+
 def test_llava_features_match_reference(llava, images):
     model, proc = llava
     budget = 10
@@ -564,3 +585,36 @@ def test_anyres_models(builder, has_cls):
         handle.remove()
     with torch.no_grad():
         assert torch.equal(model(**plain).logits, before)
+
+
+def test_qwen_beam_search_positions(qwen):
+    """Beam search expands the prompt per beam: every beam's prefill gets the compressed features at
+    the placeholders and the single-prompt positions, and decoding continues after the image's
+    original extent (rope deltas of the expanded batch)."""
+    model, proc = qwen
+    budget = 8
+    handle = apply_visionzip(model, budget=budget, processor=proc)
+    rec = LMInputs(model)
+    try:
+        inputs = proc(images=[_image(7, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
+        with torch.no_grad():
+            model(**inputs)
+        pos1 = rec.calls[-1]["position_ids"]
+        feats = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
+        rec.calls.clear()
+        out = model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
+        assert out.shape == (1, inputs.input_ids.shape[1] + 3)
+        prefill, first_step = rec.calls[0], rec.calls[1]
+        img = inputs.input_ids[0] == IMAGE
+        assert prefill["inputs_embeds"].shape[0] == 2
+        for beam in range(2):
+            torch.testing.assert_close(prefill["inputs_embeds"][beam][img], feats.pooler_output[0], rtol=1e-5,
+                                       atol=1e-6)
+            assert torch.equal(prefill["position_ids"][-3:, beam], pos1[-3:, 0])
+        # the first generated token sits one past the largest prefill position, in all three M-RoPE rows
+        step = first_step["position_ids"][-3:]
+        assert step.shape[-1] == 1
+        assert torch.equal(step, (pos1[-3:].max() + 1).expand_as(step))
+    finally:
+        rec.close()
+        handle.remove()

@@ -128,6 +128,9 @@ def _make_output_class() -> type:
         kept_indices: per image, (k,) int64 index of the token each output row stands for
             (dominant indices, then contextual targets): the row order fed to the LLM.
         grid_thw: Qwen only, the (num_images, 3) grid of the images.
+        source_features: Qwen only, the per-image features as produced (the same tensor objects as
+            pooler_output until ``generate`` repeats images per beam / returned sequence, which
+            rewrites pooler_output only); maps repeated entries back to their indices and grids.
         """
 
         dominant_indices: Optional[list] = None
@@ -135,6 +138,7 @@ def _make_output_class() -> type:
         token_map: Optional[list] = None
         kept_indices: Optional[list] = None
         grid_thw: Optional[torch.Tensor] = None
+        source_features: Optional[tuple] = None
 
     VisionZipImageOutput.__module__ = __name__
     VisionZipImageOutput.__qualname__ = "VisionZipImageOutput"
@@ -620,6 +624,30 @@ def _qwen_rope_index(
     return positions, deltas
 
 
+def _qwen_kept_per_entry(image_out: Any) -> tuple[Optional[list], Optional[torch.Tensor]]:
+    """Kept indices and grid rows for each entry of ``image_out.pooler_output``.
+
+    ``generate`` encodes the images once and, for beams or several returned sequences, repeats the
+    entries of pooler_output per text sample (``_expand_multimodal_outputs``) without touching the
+    other fields; the entries stay the same tensor objects, which maps them back to their images."""
+    kept = getattr(image_out, "kept_indices", None)
+    source = getattr(image_out, "source_features", None)
+    if kept is None or source is None:
+        return kept, getattr(image_out, "grid_thw", None)
+    entries = list(image_out.pooler_output)
+    if len(entries) == len(source) and all(a is b for a, b in zip(entries, source)):
+        return kept, image_out.grid_thw
+    index = {id(f): i for i, f in enumerate(source)}
+    try:
+        order = [index[id(f)] for f in entries]
+    except KeyError:
+        raise ValueError(
+            "VisionZip: the image features given to the Qwen forward are not those get_image_features "
+            "returned (or repeats of them); pass pixel_values, or the unmodified image output"
+        ) from None
+    return [kept[i] for i in order], image_out.grid_thw[torch.tensor(order, device=image_out.grid_thw.device)]
+
+
 def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
     visual = base.visual
     block_index = _qwen_selection_block(visual)
@@ -671,6 +699,7 @@ def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
             token_map=token_maps,
             kept_indices=kept,
             grid_thw=image_grid_thw,
+            source_features=tuple(features),
         )
 
     def get_rope_index(input_ids, mm_token_type_ids=None, image_grid_thw=None, video_grid_thw=None,
@@ -706,12 +735,12 @@ def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_embeds)
         if mm_encoder_outputs:  # videos: left to the model (uncompressed)
             kwargs["mm_encoder_outputs"] = mm_encoder_outputs
-        kept = getattr(image_out, "kept_indices", None)
+        kept, grid = _qwen_kept_per_entry(image_out)
         cached = past_key_values.get_seq_length() if past_key_values is not None else 0
         if kept is not None and input_ids is not None and mm_token_type_ids is not None and cached == 0:
             extra = {k: kwargs[k] for k in ("second_per_grid_ts",) if kwargs.get(k) is not None}
             positions, deltas = _qwen_rope_index(
-                base, original_rope_index, input_ids, mm_token_type_ids, image_out.grid_thw, attention_mask,
+                base, original_rope_index, input_ids, mm_token_type_ids, grid, attention_mask,
                 kept, handle.budget, video_grid_thw=kwargs.get("video_grid_thw"), **extra,
             )
             if position_ids is not None and position_ids.dim() == 3 and position_ids.shape[0] == 4:

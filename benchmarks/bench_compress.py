@@ -98,7 +98,7 @@ def input_sets(w: Workload, dtype: torch.dtype, device: torch.device, max_bytes:
         return [first]
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
     allocated = sum(t.numel() * t.element_size() for t in first.values())
-    n = min(64, math.ceil(4 * l2 / bytes_moved(w, first["hidden"].element_size())), int(max_bytes // allocated))
+    n = min(256, math.ceil(4 * l2 / bytes_moved(w, first["hidden"].element_size())), int(max_bytes // allocated))
     return [first] + [{k: v.clone() for k, v in first.items()} for _ in range(max(0, n - 1))]
 
 
@@ -182,13 +182,27 @@ def methods_for(device: torch.device, skip: set[str]) -> dict[str, Callable[...,
     return {k: v for k, v in m.items() if k not in skip}
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = None) -> dict:
+    """All workloads; ``on_workload(result so far)`` after each one (so a run cut off early keeps
+    what it measured)."""
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     names = args.workloads or (DEFAULT_GPU if device.type == "cuda" else DEFAULT_CPU)
     methods = methods_for(device, set(args.skip))
     bw = copy_bandwidth_gbs(device) if device.type == "cuda" else None
-    rows = []
+    rows: list[dict] = []
+    result = dict(
+        machine=machine_name(device),
+        device=str(device),
+        torch=torch.__version__,
+        dtype=args.dtype,
+        copy_bandwidth_gbs=bw,
+        workloads={n: asdict(WORKLOADS[n]) for n in names},
+        input_sets="CUDA: each call takes the next of several copies of the inputs (>= 4x L2 of bytes moved, "
+        "<= 256 copies, <= 8 GB), so that calls stream from device memory; CPU: one set",
+        rows=rows,
+        note="medians of repeated calls; all methods of a workload measured side by side in one run",
+    )
     for name in names:
         w = WORKLOADS[name]
         sets = input_sets(w, dtype, device)
@@ -213,18 +227,9 @@ def run(args: argparse.Namespace) -> dict:
                 row["fraction_of_copy_bw"] = moved / ((dev or ms) * 1e-3) / 1e9 / bw
             rows.append(row)
         del sets, nxt
-    return dict(
-        machine=machine_name(device),
-        device=str(device),
-        torch=torch.__version__,
-        dtype=args.dtype,
-        copy_bandwidth_gbs=bw,
-        workloads={n: asdict(WORKLOADS[n]) for n in names},
-        input_sets="CUDA: each call takes the next of several copies of the inputs (>= 4x L2 of bytes moved, "
-        "<= 64 copies, <= 8 GB), so that calls stream from device memory; CPU: one set",
-        rows=rows,
-        note="medians of repeated calls; all methods of a workload measured side by side in one run",
-    )
+        if on_workload is not None:
+            on_workload(result)
+    return result
 
 
 def format_table(result: dict) -> str:
@@ -283,13 +288,23 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-plot", action="store_true", help="write the JSON but no PNG")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
-    result = run(args)
-    print(format_table(result))
+    out = None
     if not args.no_save:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        tag = "gpu-" + result["machine"].replace(" ", "_") if args.device.startswith("cuda") else "cpu"
+        tag = "gpu-" + machine_name(torch.device(args.device)).replace(" ", "_") if args.device.startswith("cuda") \
+            else "cpu"
         out = Path(args.out) if args.out else RESULTS / f"compress-{tag}-{args.dtype}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    def progress(partial: dict) -> None:  # print the workload's rows, rewrite the JSON
+        last = partial["rows"][-1]["workload"]
+        print("\n".join(line for line in format_table(partial).splitlines() if line.startswith(f"{last} ")),
+              flush=True)
+        if out is not None:
+            out.write_text(json.dumps(partial, indent=2) + "\n")
+
+    result = run(args, progress)
+    print(format_table(result))
+    if out is not None:
         print(f"wrote {out}")
         if not args.no_plot:
             plot(result, out.with_suffix(".png"))

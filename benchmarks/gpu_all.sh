@@ -52,7 +52,8 @@ run_stage() {
   local rc=$?
   local dt=$(( $(date +%s) - t0 ))
   if [ $rc -eq 0 ]; then RESULT[$name]="ok (${dt}s)"
-  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then RESULT[$name]="CUT OFF after ${dt}s"; status=1
+  elif [ $rc -eq 124 ] || { [ $rc -eq 137 ] && [ "$dt" -ge "$t" ]; }; then RESULT[$name]="CUT OFF after ${dt}s"; status=1
+  elif [ $rc -eq 137 ]; then RESULT[$name]="KILLED after ${dt}s (rc 137: out of memory?)"; status=1
   else RESULT[$name]="FAILED rc=$rc (${dt}s)"; status=1; fi
   say "   $name: ${RESULT[$name]}"
 }
@@ -60,9 +61,15 @@ run_stage() {
 stage_build() {
   # setuptools < 77 rejects pyproject's SPDX license string; the device gets a copy of the tree, so
   # rewrite it there to the older table form rather than lose the whole call to it
-  $PY -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" \
-    || sed -i 's/^license = "\(.*\)"$/license = {text = "\1"}/' pyproject.toml
-  $PY setup.py -q build_ext --inplace >>"$LOG" 2>&1 || { tail -n 40 "$LOG"; return 1; }
+  local restore=0
+  if ! $PY -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)"; then
+    cp pyproject.toml "$OUT/.pyproject.orig" && restore=1
+    sed -i 's/^license = "\(.*\)"$/license = {text = "\1"}/' pyproject.toml
+  fi
+  $PY setup.py -q build_ext --inplace >>"$LOG" 2>&1
+  local rc=$?
+  [ $restore -eq 1 ] && mv "$OUT/.pyproject.orig" pyproject.toml  # leave the checkout as it was
+  [ $rc -eq 0 ] || { tail -n 40 "$LOG"; return 1; }
   $PY -c "import visionzip_kernels as vz; from visionzip_kernels import ops
 b = vz.available_backends('cuda'); print('backends on cuda:', b)
 assert ops.HAS_CUDA_KERNELS and 'cuda' in b and 'triton' in b, 'CUDA kernels or Triton missing'" 2>&1 | tee -a "$LOG"
@@ -70,17 +77,18 @@ assert ops.HAS_CUDA_KERNELS and 'cuda' in b and 'triton' in b, 'CUDA kernels or 
 
 stage_gpu_tests() {
   # -m gpu everywhere, plus the Triton and scores files whole: off a GPU they run in the interpreter,
-  # here every one of their tests runs compiled on CUDA tensors.
-  $PY -m pytest tests -q -p no:cacheprovider -rfEs -m gpu 2>&1 | tee "$OUT/tests.log" | tail -n 6 | tee -a "$LOG"
+  # here every one of their tests runs compiled on CUDA tensors. Triton compiles each kernel variant
+  # on the CPU (seconds each): pytest-xdist spreads that over the cores when it is there.
+  $PY -m pytest tests -q -p no:cacheprovider -rfEs -m gpu $XDIST 2>&1 | tee "$OUT/tests.log" | tail -n 6 | tee -a "$LOG"
   local a=${PIPESTATUS[0]}
-  $PY -m pytest tests/test_triton.py tests/test_scores.py -q -p no:cacheprovider -rfE -m "not gpu" 2>&1 \
+  $PY -m pytest tests/test_triton.py tests/test_scores.py -q -p no:cacheprovider -rfE -m "not gpu" $XDIST 2>&1 \
     | tee -a "$OUT/tests.log" | tail -n 6 | tee -a "$LOG"
   local b=${PIPESTATUS[0]}
   [ "$a" -eq 0 ] && [ "$b" -eq 0 ]
 }
 
 stage_cpu_tests() {
-  $PY -m pytest tests -q -p no:cacheprovider -rfE -m "not gpu" \
+  $PY -m pytest tests -q -p no:cacheprovider -rfE -m "not gpu" $XDIST \
     --ignore tests/test_triton.py --ignore tests/test_scores.py 2>&1 \
     | tee -a "$OUT/tests.log" | tail -n 6 | tee -a "$LOG"
 }
@@ -101,7 +109,8 @@ stage_sanitize() {
   return $rc
 }
 
-export PY LOG OUT DEADLINE
+XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${GPU_ALL_WORKERS:-8}")
+export PY LOG OUT DEADLINE XDIST
 export -f say left stage_build stage_gpu_tests stage_cpu_tests stage_bench stage_sanitize
 
 say "== device ($(date))"

@@ -19,7 +19,7 @@ def markdown(result: dict) -> str:
     head = "| workload | " + " | ".join(f"{m} ms" for m in methods) + " | best vs eager | best vs compile | best / clone time |"
     head += " best % of copy BW |" if gpu else ""
     both = any({"cuda", "triton"} <= {r["method"] for r in result["rows"] if r["workload"] == w} for w in workloads)
-    head += " triton / cuda time |" if both else ""
+    head += " triton / cuda time (device) |" if both else ""
     lines = [f"{result['machine']}, torch {result['torch']}, {result['dtype']} (medians, one run)", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for w in workloads:
@@ -37,7 +37,13 @@ def markdown(result: dict) -> str:
         else:
             line += " | | | |" + (" |" if gpu else "")
         if both:
-            line += f" {rows['triton']['ms'] / rows['cuda']['ms']:.2f} |" if {"cuda", "triton"} <= set(rows) else " |"
+            # kernel against kernel: device time (graph replay) where both have it, else per call
+            if {"cuda", "triton"} <= set(rows):
+                tri, cu = rows["triton"], rows["cuda"]
+                key = "device_ms" if tri.get("device_ms") and cu.get("device_ms") else "ms"
+                line += f" {tri[key] / cu[key]:.2f} |"
+            else:
+                line += " |"
         lines.append(line)
     return "\n".join(lines)
 

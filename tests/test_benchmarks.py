@@ -60,10 +60,13 @@ def test_results_table_gpu_columns(tmp_path):
                   rows=rows)
     for r in rows:
         r["device_ms"] = None
+    for r in rows:  # llava15: device times give another ratio (3.00) than the per-call ones (2.00)
+        if r["workload"] == "llava15" and r["method"] in ("triton", "cuda"):
+            r["device_ms"] = 0.006 if r["method"] == "triton" else 0.002
     table = results_table.markdown(result)
     lines = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
     assert "triton / cuda time" in lines["| workload"] and "% of copy BW" in lines["| workload"]
-    assert "500.0x (cuda)" in lines["| llava15"] and lines["| llava15"].endswith(" 2.00 |")
+    assert "500.0x (cuda)" in lines["| llava15"] and lines["| llava15"].endswith(" 3.00 |")
     assert "25.0x (triton)" in lines["| video"] and lines["| video"].endswith(" 0.80 |")
     rows[-1]["device_ms"], rows[-2]["device_ms"] = 0.2, None
     text = bench_compress.format_table(result)

@@ -588,33 +588,46 @@ def test_anyres_models(builder, has_cls):
 
 
 def test_qwen_beam_search_positions(qwen):
-    """Beam search expands the prompt per beam: every beam's prefill gets the compressed features at
-    the placeholders and the single-prompt positions, and decoding continues after the image's
-    original extent (rope deltas of the expanded batch)."""
+    """Beam search expands the prompts per beam: every beam's prefill gets its own image's compressed
+    features at the placeholders and its prompt's positions (two images of different grids, so a
+    mix-up shows), and decoding continues after the image's original extent (rope deltas of the
+    expanded batch)."""
     model, proc = qwen
     budget = 8
     handle = apply_visionzip(model, budget=budget, processor=proc)
     rec = LMInputs(model)
     try:
-        inputs = proc(images=[_image(7, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
+        imgs, texts = [_image(7, 150, 130), _image(8, 100, 220)], [QWEN_PROMPT, QWEN_PROMPT]
+        inputs = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
+        assert not torch.equal(inputs.image_grid_thw[0], inputs.image_grid_thw[1])
         with torch.no_grad():
             model(**inputs)
         pos1 = rec.calls[-1]["position_ids"]
         feats = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
         rec.calls.clear()
         out = model.generate(**inputs, max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
-        assert out.shape == (1, inputs.input_ids.shape[1] + 3)
+        assert out.shape == (2, inputs.input_ids.shape[1] + 3)
         prefill, first_step = rec.calls[0], rec.calls[1]
-        img = inputs.input_ids[0] == IMAGE
-        assert prefill["inputs_embeds"].shape[0] == 2
-        for beam in range(2):
-            torch.testing.assert_close(prefill["inputs_embeds"][beam][img], feats.pooler_output[0], rtol=1e-5,
+        assert prefill["inputs_embeds"].shape[0] == 4  # rows: prompt 0 beam 0, prompt 0 beam 1, prompt 1 ...
+        for row in range(4):
+            b = row // 2
+            img = inputs.input_ids[b] == IMAGE
+            torch.testing.assert_close(prefill["inputs_embeds"][row][img], feats.pooler_output[b], rtol=1e-5,
                                        atol=1e-6)
-            assert torch.equal(prefill["position_ids"][-3:, beam], pos1[-3:, 0])
-        # the first generated token sits one past the largest prefill position, in all three M-RoPE rows
+            assert torch.equal(prefill["position_ids"][-3:, row], pos1[-3:, b])
+        # the first generated token sits one past each prompt's largest position, in all M-RoPE rows
         step = first_step["position_ids"][-3:]
         assert step.shape[-1] == 1
-        assert torch.equal(step, (pos1[-3:].max() + 1).expand_as(step))
+        for row in range(4):
+            b = row // 2
+            assert torch.equal(step[:, row, 0], (pos1[-3:, b].max() + 1).expand(3))
+        # features that are not get_image_features' own (nor repeats of them): a clear error
+        forged = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
+        forged.pooler_output = [t.clone() for t in forged.pooler_output]
+        with pytest.raises(ValueError, match="not those get_image_features returned"):
+            model.model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+                        mm_token_type_ids=inputs.mm_token_type_ids, image_grid_thw=inputs.image_grid_thw,
+                        mm_encoder_outputs={"image": forged})
     finally:
         rec.close()
         handle.remove()

@@ -404,6 +404,17 @@ def test_api_calls_the_launcher_directly_only_when_nothing_needs_the_op(monkeypa
     torch.testing.assert_close(out.detach(), ref.output, rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace` is deprecated")
+def test_jit_trace_records_the_op():
+    """torch.jit.trace must see the custom op (a direct launch would leave only aten::empty in the graph)."""
+    case = make_case(2, 37, 20, k=16, device=DEVICE)
+    fn = lambda h, a, k: vz.compress(h, a, 16, keys=k, backend="triton")  # noqa: E731
+    traced = torch.jit.trace(fn, (case.hidden, case.attn, case.keys), check_trace=False)
+    assert "visionzip::compress_triton" in str(traced.graph)
+    fresh = make_case(2, 37, 20, k=16, device=DEVICE, seed=9)
+    torch.testing.assert_close(traced(fresh.hidden, fresh.attn, fresh.keys), run_triton(fresh).output, rtol=0, atol=0)
+
+
 def test_package_imports_without_triton():
     """With triton unavailable the package still imports, ops.TRITON is None and no triton backend is offered."""
     code = textwrap.dedent(
@@ -449,10 +460,12 @@ GPU_WORKLOADS = [
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b,c,with_keys", [(1, 1024, True), (32, 1024, True), (8, 1152, False)])
-def test_gpu_channel_splits_bit_identical(monkeypatch, b, c, with_keys):
-    """The automatic channel split (several programs per image) equals one program per image exactly."""
-    case = make_case(b, 577, c, k=64, dtype=torch.float16, key_dim=64 if with_keys else None, device="cuda")
+@pytest.mark.parametrize("b,c,with_keys,dtype", [(1, 1024, True, torch.float16), (32, 1024, True, torch.float32),
+                                                  (8, 1152, False, torch.bfloat16), (3, 1024, True, torch.float32)])
+def test_gpu_channel_splits_bit_identical(monkeypatch, b, c, with_keys, dtype):
+    """The automatic channel split (several programs per image, so another BLOCK_C and tile layout)
+    equals one program per image exactly: the means add members in a fixed order per lane."""
+    case = make_case(b, 577, c, k=64, dtype=dtype, key_dim=64 if with_keys else None, device="cuda")
     monkeypatch.setattr(tc, "CHANNEL_SPLITS", None)
     assert tc.channel_splits(b, c, not with_keys, case.hidden.device) > 1
     auto = run_triton(case)

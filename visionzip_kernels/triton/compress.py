@@ -49,8 +49,9 @@ For CLIP-L (N = 577, C = 1024, H = 16, Ck = 64, k = 192, fp16): about 1.18 MB hi
 With S programs per image the attention rows and the metric are read S times, mostly from L2.
 Limits: N < 2**31 (int32 token indices in the workspace; offsets are int64); C, Ck and Cx are tiled,
 so the register footprint is fixed by the BLOCK_* constants, not by N, C or Cx (ptxas, sm_90a, from
-tools/check_triton_build.py: 64-80 registers with BLOCK_N = 1024, 238-255 with BLOCK_N = 4096, no
-spills, 12-32 KB shared memory). The R*Cx*Ck similarity FMAs of an image run in each of its programs
+tools/check_triton_build.py: 64-80 registers with BLOCK_N = 1024, ptxas keeping 16-48 B of stack
+spills in the CLS one-chunk variant; 234-255 registers without spills with BLOCK_N = 4096; 12-32 KB of
+shared memory). The R*Cx*Ck similarity FMAs of an image run in each of its programs
 (fine with Ck = 64 keys, slow-ish with the hidden states as metric, Ck = C = 1024, and B = 1).
 float64 hidden states are not supported (ValueError); attn and keys of any float dtype (float64
 included) are converted to float32 on load, as the C++ kernel does.
@@ -335,14 +336,17 @@ def _compress_kernel(
         for c0 in range(c_lo, c_hi, BLOCK_C):
             c = c0 + offs_c
             cm = c < c_hi
-            part = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+            # Members are added one row at a time in ascending token order, per channel lane: the
+            # order (and so the bits) cannot depend on the tile layout, which changes with BLOCK_C
+            # and so with the channel split (a 2-D tile + tl.sum did). The BLOCK_R loads of a step
+            # are independent and unrolled, so they are in flight together.
+            total = tl.zeros([BLOCK_C], dtype=tl.float32)
             for q0 in range(0, n_mem, BLOCK_R):
-                q = q0 + offs_r
-                qm = q < n_mem
-                rows = tl.load(mem_ws + first + q, mask=qm, other=0).to(tl.int64)
-                part += tl.load(hid_b + rows[:, None] * s_hn + c[None, :] * s_hc,
-                                mask=qm[:, None] & cm[None, :], other=0.0).to(tl.float32)
-            total = tl.sum(part, axis=0)
+                for i in tl.static_range(BLOCK_R):
+                    qm = q0 + i < n_mem
+                    row = tl.load(mem_ws + first + q0 + i, mask=qm, other=0).to(tl.int64)
+                    x = tl.load(hid_b + row * s_hn + c * s_hc, mask=cm & qm, other=0.0).to(tl.float32)
+                    total = tl.where(qm, total + x, total)
             th = tl.load(hid_b + trow * s_hn + c * s_hc, mask=cm, other=0.0).to(tl.float32)
             res = th + tl.div_rn(total, tl.zeros([BLOCK_C], dtype=tl.float32) + denom)
             tl.store(out_b + (D + t) * C + c, res.to(out_ptr.dtype.element_ty), mask=cm)
@@ -487,7 +491,7 @@ def launch_compress(
         ONE_CHUNK=n <= block_n,
         BLOCK_N=block_n,
         BLOCK_R=8,
-        # a program's channel slice in one tile up to 512 (an (8, 1024) float32 tile spilled on sm_90)
+        # a program's channel slice in one tile, up to 512 channels (2 per thread at 8 warps)
         BLOCK_C=max(16, min(_next_pow2(c_split), 512)),
         BLOCK_P=32,
         BLOCK_T=16 if cx <= 16 else 32,

@@ -71,6 +71,15 @@ def test_hidden_as_metric(b, n, has_cls, dtype):
     check_against_reference(case, run_cuda(case))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b, c", [(1, 1024), (32, 1024), (3, 1152), (100, 1024)])
+def test_channel_split_workloads(b, c, dtype):
+    """Widths that make the binding split images over several blocks (S = 4 / 4 / 4 / 3 on 132 SMs;
+    bit-identity across S is shown in tests/test_cuda_emulation.py, the oracle check here)."""
+    case = make_case(b, 577, c, form="rows", k=64, key_dim=64, dtype=dtype, device="cuda")
+    check_against_reference(case, run_cuda(case))
+
+
 def test_targets_in_global_scratch():
     """C = 4096 hidden metric, Cx = 30: the normalised targets (480 KiB) exceed shared memory."""
     case = make_case(2, 577, 4096, form="rows", k=192, key_dim=None, dtype=torch.float16, device="cuda")

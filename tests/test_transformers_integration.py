@@ -631,3 +631,18 @@ def test_qwen_beam_search_positions(qwen):
     finally:
         rec.close()
         handle.remove()
+
+
+def test_qwen_chunked_prefill_is_a_clear_error(qwen):
+    """generate(prefill_chunk_size=...) slices the encoded features and loses the kept indices: the
+    positions would be wrong, so the patched model refuses instead of guessing."""
+    model, proc = qwen
+    handle = apply_visionzip(model, budget=8, processor=proc)
+    try:
+        inputs = proc(images=[_image(9, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
+        with pytest.raises(NotImplementedError, match="chunked prefill"):
+            model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, prefill_chunk_size=8)
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)  # still fine without
+        assert out.shape[1] == inputs.input_ids.shape[1] + 2
+    finally:
+        handle.remove()

@@ -721,6 +721,13 @@ def _patch_qwen(handle: VisionZipHandle, base: torch.nn.Module) -> None:
         ``inputs_embeds`` together with ``input_ids``."""
         mm_encoder_outputs = dict(mm_encoder_outputs or {})
         image_out = mm_encoder_outputs.pop("image", None)
+        if isinstance(image_out, output_cls) and image_out.kept_indices is None:
+            # generate's chunked prefill slices the encoded features per chunk and drops the other
+            # fields: the compressed tokens' positions (which need the kept indices) would be guesses
+            raise NotImplementedError(
+                "VisionZip (Qwen): chunked prefill (prefill_chunk_size) with images is not supported; the "
+                "positions of the compressed image tokens need the whole prompt. Generate without it."
+            )
         if pixel_values is not None and image_out is None:
             image_out = base.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         pixel_values = None

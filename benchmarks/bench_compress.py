@@ -226,7 +226,7 @@ def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = N
                 row["device_ms"] = dev
                 row["fraction_of_copy_bw"] = moved / ((dev or ms) * 1e-3) / 1e9 / bw
             rows.append(row)
-        del sets, nxt
+        sets = nxt = None  # free this workload's inputs (the cycle holds them too)
         if on_workload is not None:
             on_workload(result)
     return result

@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on the checkout
 
 __all__ = [
     "VisionZipHandle",
-    "VisionZipImageOutput",
+    "VisionZipImageOutput",  # noqa: F822 - built lazily by __getattr__ (needs transformers)
     "apply_visionzip",
     "apply_visionzip_processor",
     "remove_visionzip",

@@ -36,30 +36,46 @@ sys.path.insert(0, str(ROOT))
 IMAGE_TOKEN = 32000
 TEXT_BEFORE, TEXT_AFTER = 35, 20  # a short system prompt + question around the image
 
+#: LLM shapes: "small" is the issue's few-hundred-million-parameter Llama (12 layers by default);
+#: "7b" has the proportions of LLaVA-1.5-7B's Vicuna (32 x 4096, ~6.5 B parameters, for a GPU).
+LLMS = {
+    "small": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_hidden_layers=12),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
+}
 
-def build_model(llm_layers: int, dtype, device, vision_layers: int = 24):
+
+def build_model(llm: str, llm_layers: int | None, dtype, device, vision_layers: int = 24):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
                               num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    text = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=llm_layers,
-                       num_attention_heads=16, num_key_value_heads=16, vocab_size=32064,
+    shape = dict(LLMS[llm])
+    if llm_layers:
+        shape["num_hidden_layers"] = llm_layers
+    text = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], vocab_size=32064,
                        max_position_embeddings=4096)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
                          vision_feature_layer=-2, vision_feature_select_strategy="default")
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    # built where it runs, in its dtype: a 7B model initialised on the CPU in float32 takes minutes
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlavaForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model
 
 
-def prompt(image_tokens: int, device):
+def prompt(image_tokens: int, device, batch: int = 1):
     import torch
 
     g = torch.Generator().manual_seed(1)
     before = torch.randint(10, 30000, (TEXT_BEFORE,), generator=g)
     after = torch.randint(10, 30000, (TEXT_AFTER,), generator=g)
-    ids = torch.cat([before, torch.full((image_tokens,), IMAGE_TOKEN), after])[None].to(device)
+    ids = torch.cat([before, torch.full((image_tokens,), IMAGE_TOKEN), after])[None].repeat(batch, 1).to(device)
     return ids, torch.ones_like(ids)
 
 
@@ -73,13 +89,13 @@ def run_one(args) -> dict:
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.llm_layers, dtype, device, args.vision_layers)
+    model = build_model(args.llm, args.llm_layers, dtype, device, args.vision_layers)
     budget = args.budget
     if budget:
         apply_visionzip(model, budget=budget)
     image_tokens = budget if budget else 576
-    ids, mask = prompt(image_tokens, device)
-    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    ids, mask = prompt(image_tokens, device, args.batch)
+    pixels = torch.randn(args.batch, 3, 336, 336, generator=torch.Generator().manual_seed(2)).to(device, dtype)
 
     def sync():
         if device.type == "cuda":
@@ -158,7 +174,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cuda if available, else cpu")
     p.add_argument("--dtype", default=None, help="float16 on cuda, float32 on cpu")
-    p.add_argument("--llm-layers", type=int, default=12)
+    p.add_argument("--llm", choices=sorted(LLMS), default="small", help="LLM shape (default: small)")
+    p.add_argument("--llm-layers", type=int, default=0, help="LLM depth (default: the shape's own)")
+    p.add_argument("--batch", type=int, default=1, help="prompts (one image each) per prefill")
     p.add_argument("--vision-layers", type=int, default=24, help="tower depth (24: CLIP ViT-L; fewer for a smoke run)")
     p.add_argument("--budgets", default="64,128,192")
     p.add_argument("--repeats", type=int, default=5)
@@ -180,7 +198,8 @@ def main() -> None:
     rows = []
     for budget in [0] + [int(b) for b in args.budgets.split(",")]:
         cmd = [sys.executable, __file__, "--one", "--budget", str(budget), "--device", args.device,
-               "--dtype", args.dtype, "--llm-layers", str(args.llm_layers), "--vision-layers", str(args.vision_layers),
+               "--dtype", args.dtype, "--llm", args.llm, "--llm-layers", str(args.llm_layers), "--batch", str(args.batch),
+               "--vision-layers", str(args.vision_layers),
                "--repeats", str(args.repeats),
                "--warmup", str(args.warmup), "--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -204,16 +223,22 @@ def main() -> None:
                      f"{r['vision_ms']:>10.1f} {r['llm_ms']:>9.1f} {r['prefill_speedup']:>7.2f}x "
                      f"{r['llm_speedup']:>11.2f}x {r['peak_memory_bytes'] / 2**20:>9.0f}")
     table = "\n".join(lines)
-    print(f"\nLLaVA (CLIP ViT-L/336 + Llama hidden 1024 x {args.llm_layers} layers, random weights), "
+    shape = {**LLMS[args.llm], **({"num_hidden_layers": args.llm_layers} if args.llm_layers else {})}
+    llm_desc = (f"Llama hidden {shape['hidden_size']} x {shape['num_hidden_layers']} layers, intermediate "
+                f"{shape['intermediate_size']}, vocab 32064")
+    print(f"\nLLaVA (CLIP ViT-L/336 + {llm_desc}, random weights), batch {args.batch}, "
           f"{args.device} {args.dtype}, {info.get('gpu', info['cpu'])}\n{table}")
 
     tag = (info.get("gpu") or info["cpu"]).lower().replace(" ", "-").replace("/", "-")
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"e2e_{args.device.split(':')[0]}_{tag}.json"
+    extra = ("" if args.llm == "small" else f"_{args.llm}") + ("" if args.batch == 1 else f"_b{args.batch}")
+    name = f"e2e_{args.device.split(':')[0]}_{tag}{extra}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({
-        "benchmark": "bench_e2e: LLaVA prefill (vision + LLM, one forward, one image), VisionZip vs unpatched",
+        "benchmark": "bench_e2e: LLaVA prefill (vision + LLM, one forward, one image per prompt), VisionZip vs "
+                     "unpatched",
         "model": {"vision": f"CLIP ViT-L/14-336 ({args.vision_layers} layers, 1024 wide), random weights",
-                  "llm": f"Llama hidden 1024, {args.llm_layers} layers, intermediate 2816, vocab 32064, random",
+                  "llm": f"{llm_desc}, random ({args.llm})", "batch": args.batch,
                   "prompt_text_tokens": TEXT_BEFORE + TEXT_AFTER},
         "device": args.device, "dtype": args.dtype, "machine": info, "repeats": args.repeats,
         "warmup": args.warmup, "note": args.note, "results": rows, "table": table,

@@ -8,7 +8,8 @@
 # marked gpu, plus the Triton and scores suites, which run on CUDA tensors when a GPU is present) ->
 # bench-fp16 (compress: eager / compile / reference / triton / cuda, copy bandwidth) -> sanitize
 # (compute-sanitizer memcheck + racecheck over every GPU kernel) -> bench-bf16 -> scores (CLIP ViT-L
-# tower, eager+attentions vs SDPA + cls_scores) -> e2e (LLaVA prefill) -> cpu-tests (the rest of the
+# tower, eager+attentions vs SDPA + cls_scores) -> e2e (LLaVA prefill: the small LLM at batch 1,
+# a 7B-proportioned LLM at batch 8) -> cpu-tests (the rest of the
 # suite, which CI also runs).
 #
 # The device tool stops a command at 600 s, so the stages share one budget (GPU_ALL_BUDGET_S, default
@@ -97,6 +98,11 @@ stage_bench() {  # dtype
   $PY benchmarks/bench_compress.py --dtype "$1" --no-plot --out "$OUT/compress-gpu-$1.json" 2>&1 | tee -a "$LOG"
 }
 
+stage_e2e() {  # the small LLM at batch 1, then a 7B-proportioned one at batch 8
+  $PY benchmarks/bench_e2e.py --device cuda --out "$OUT/e2e-gpu.json" 2>&1 | tee -a "$LOG" &&
+    $PY benchmarks/bench_e2e.py --device cuda --llm 7b --batch 8 --out "$OUT/e2e-gpu-7b-b8.json" 2>&1 | tee -a "$LOG"
+}
+
 stage_sanitize() {
   local rc=0 tool
   for tool in memcheck racecheck; do
@@ -111,7 +117,7 @@ stage_sanitize() {
 
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n ${GPU_ALL_WORKERS:-8}")
 export PY LOG OUT DEADLINE XDIST
-export -f say left stage_build stage_gpu_tests stage_cpu_tests stage_bench stage_sanitize
+export -f say left stage_build stage_gpu_tests stage_cpu_tests stage_bench stage_sanitize stage_e2e
 
 say "== device ($(date))"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG"
@@ -127,7 +133,7 @@ for s in "${STAGES[@]}"; do
     bench-bf16) run_stage bench-bf16 90 stage_bench bfloat16 ;;
     sanitize)   run_stage sanitize 60 stage_sanitize ;;
     scores)     run_stage scores 45 $PY benchmarks/bench_scores.py --device cuda --out "$OUT/scores-gpu.json" ;;
-    e2e)        run_stage e2e 45 $PY benchmarks/bench_e2e.py --device cuda --out "$OUT/e2e-gpu.json" ;;
+    e2e)        run_stage e2e 90 stage_e2e ;;
     cpu-tests)  run_stage cpu-tests 60 stage_cpu_tests ;;
   esac
 done

@@ -109,14 +109,31 @@ def test_bench_scores_smoke(tmp_path):
 
 
 def test_bench_e2e_smoke(tmp_path):
-    """Tiny LLaVA (two tower layers, one LLM layer), unpatched and k=64: prefill, vision and LLM timed."""
+    """Tiny LLaVA (two tower layers, one LLM layer), batch 2, unpatched and k=64: prefill, vision and LLM
+    timed."""
     out = tmp_path / "e2e.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--device", "cpu", "--vision-layers",
-                    "2", "--llm-layers", "1", "--budgets", "64", "--repeats", "1", "--warmup", "0", "--out",
-                    str(out)], check=True, capture_output=True, text=True)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_e2e.py"), "--device", "cpu", "--batch", "2",
+                    "--vision-layers", "2", "--llm-layers", "1", "--budgets", "64", "--repeats", "1", "--warmup", "0",
+                    "--out", str(out)], check=True, capture_output=True, text=True)
     res = json.loads(out.read_text())
+    assert res["model"]["batch"] == 2 and "x 1 layers" in res["model"]["llm"]
     base, vz = res["results"]
     assert (base["budget"], base["image_tokens"], vz["budget"], vz["image_tokens"]) == (None, 576, 64, 64)
     assert vz["sequence_length"] == base["sequence_length"] - 512
     for r in (base, vz):
         assert r["prefill_ms"] > 0 and r["vision_ms"] > 0 and r["llm_ms"] > 0 and r["llm_speedup"] > 0
+
+
+def test_bench_e2e_7b_shape():
+    """The 7B-proportioned LLM preset (for a GPU run), built on the meta device: shapes only."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_e2e
+
+    model = bench_e2e.build_model("7b", 2, torch.float16, "meta", vision_layers=1)
+    text = model.config.text_config
+    assert (text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_hidden_layers) == (
+        4096, 11008, 32, 2)
+    assert next(model.parameters()).dtype == torch.float16 and torch.get_default_dtype() == torch.float32
+    assert bench_e2e.LLMS["7b"]["num_hidden_layers"] == 32

@@ -36,9 +36,8 @@ def test_triton_kernels_compile_for_sm80_and_sm90():
         for name, regs, spill_st, spill_ld, *_ in rows:
             assert 0 < int(regs) <= 255
             spills = int(spill_st) + int(spill_ld)
-            if name in ("_received_attention_kernel", "_compress_kernel"):
-                # ptxas settles the one-chunk compress kernel at 64 registers + 16-48 B of stack
-                # spills (the unrolled member loads of the means), the pre-pass on sm_80 at 28 B
+            if section.startswith("sm_80") and name in ("_received_attention_kernel", "_compress_kernel"):
+                # ptxas keeps ~32 B in one compress variant and 28 B in the pre-pass there
                 assert spills <= 64, f"{name} spills {spills} B:\n{section}"
-            else:  # the score kernels: 64 x 64 float32 tiles spilled ~1 KB; 32 x 32 do not
+            else:  # sm_90a: none anywhere; the score kernels' 64 x 64 float32 tiles spilled ~1 KB
                 assert spills == 0, f"{name} spills:\n{section}"

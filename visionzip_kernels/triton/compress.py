@@ -28,8 +28,10 @@ every S (tested).
    inputs (``input_precision="ieee"``), scaled by the targets' inverse norms (the members' own norms do
    not change the argmax), argmax with ties toward the lower target and NaN lowest;
 6. a stable counting sort of the members by target (counts, offsets, placement) so that
-7. each target's mean reads exactly its members' rows (R x C reads in all, no atomics, NaN-safe), in a
-   fixed order: run-to-run bit-identical.
+7. each target's mean reads exactly its members' rows (R x C reads in all, no atomics, NaN-safe), 16
+   rows a step as a (channels, 16) tile with 16-byte loads, summed elementwise into 16 slots and then
+   by a fixed pairwise tree: the order never depends on the tile layout, so results are run-to-run
+   and split-to-split bit-identical.
 
 The received-attention form (no CLS, attn (B, H, N, N)) reads B*H*N*N elements: one program per image
 could not use the GPU's bandwidth, so a second kernel (``_received_attention_kernel``, grid
@@ -49,9 +51,8 @@ For CLIP-L (N = 577, C = 1024, H = 16, Ck = 64, k = 192, fp16): about 1.18 MB hi
 With S programs per image the attention rows and the metric are read S times, mostly from L2.
 Limits: N < 2**31 (int32 token indices in the workspace; offsets are int64); C, Ck and Cx are tiled,
 so the register footprint is fixed by the BLOCK_* constants, not by N, C or Cx (ptxas, sm_90a, from
-tools/check_triton_build.py: 64-80 registers with BLOCK_N = 1024, ptxas keeping 16-48 B of stack
-spills in the CLS one-chunk variant; 234-255 registers without spills with BLOCK_N = 4096; 12-32 KB of
-shared memory). The R*Cx*Ck similarity FMAs of an image run in each of its programs
+tools/check_triton_build.py: 64-80 registers with BLOCK_N = 1024, 240-255 with BLOCK_N = 4096, no
+spills on sm_90a, 32 B in one sm_80 variant; 12-32 KB of shared memory). The R*Cx*Ck similarity FMAs of an image run in each of its programs
 (fine with Ck = 64 keys, slow-ish with the hidden states as metric, Ck = C = 1024, and B = 1).
 float64 hidden states are not supported (ValueError); attn and keys of any float dtype (float64
 included) are converted to float32 on load, as the C++ kernel does.
@@ -328,6 +329,7 @@ def _compress_kernel(
     tl.debug_barrier()
 
     # ---- 9. contextual rows: hidden[target] + sum(members) / max(count, 1) ----------------------
+    offs_m = tl.arange(0, 16)
     for t in range(0, CX):
         n_mem = tl.load(cnt_ws + t)
         first = tl.load(off_ws + t)
@@ -336,17 +338,23 @@ def _compress_kernel(
         for c0 in range(c_lo, c_hi, BLOCK_C):
             c = c0 + offs_c
             cm = c < c_hi
-            # Members are added one row at a time in ascending token order, per channel lane: the
-            # order (and so the bits) cannot depend on the tile layout, which changes with BLOCK_C
-            # and so with the channel split (a 2-D tile + tl.sum did). The BLOCK_R loads of a step
-            # are independent and unrolled, so they are in flight together.
-            total = tl.zeros([BLOCK_C], dtype=tl.float32)
-            for q0 in range(0, n_mem, BLOCK_R):
-                for i in tl.static_range(BLOCK_R):
-                    qm = q0 + i < n_mem
-                    row = tl.load(mem_ws + first + q0 + i, mask=qm, other=0).to(tl.int64)
-                    x = tl.load(hid_b + row * s_hn + c * s_hc, mask=cm & qm, other=0.0).to(tl.float32)
-                    total = tl.where(qm, total + x, total)
+            # Members in steps of 16 rows: a (BLOCK_C, 16) tile (channels contiguous: 16-byte
+            # loads, 16 rows in flight), accumulated elementwise (slot r sums members r, r + 16, ...
+            # in order), then a fixed pairwise tree over the 16 slots through reshape/split. Every
+            # addition is elementwise, so the order, and the bits, cannot depend on the tile layout,
+            # which changes with BLOCK_C and so with the channel split (tl.sum's order would).
+            acc = tl.zeros([BLOCK_C, 16], dtype=tl.float32)
+            for q0 in range(0, n_mem, 16):
+                q = q0 + offs_m
+                qm = q < n_mem
+                rows = tl.load(mem_ws + first + q, mask=qm, other=0).to(tl.int64)
+                acc += tl.load(hid_b + rows[None, :] * s_hn + c[:, None] * s_hc,
+                               mask=cm[:, None] & qm[None, :], other=0.0).to(tl.float32)
+            s0, s1 = tl.split(tl.reshape(acc, [BLOCK_C, 8, 2]))
+            s0, s1 = tl.split(tl.reshape(s0 + s1, [BLOCK_C, 4, 2]))
+            s0, s1 = tl.split(tl.reshape(s0 + s1, [BLOCK_C, 2, 2]))
+            s0, s1 = tl.split(s0 + s1)
+            total = s0 + s1
             th = tl.load(hid_b + trow * s_hn + c * s_hc, mask=cm, other=0.0).to(tl.float32)
             res = th + tl.div_rn(total, tl.zeros([BLOCK_C], dtype=tl.float32) + denom)
             tl.store(out_b + (D + t) * C + c, res.to(out_ptr.dtype.element_ty), mask=cm)

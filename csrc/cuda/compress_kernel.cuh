@@ -54,6 +54,7 @@ constexpr int kMinBlocks = 2;         // main kernel: <= 64 registers, two image
 constexpr int kPartialThreads = 256;  // score pre-pass: threads per block
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kCachedMetric = 4;  // metric elements per lane kept in registers during assignment
+constexpr int kMemberLoads = 4;   // member rows loaded ahead per thread in the segmented mean
 
 // Everything the kernels read or write. Pointers are to device memory; element strides.
 struct CompressParams {
@@ -377,7 +378,21 @@ VZ_DEVICE void segment_means(const scalar_t* hid, scalar_t* out, const int* orde
     float acc[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) acc[i] = 0.0f;
-    for (int m = m0; m < m1; ++m) {  // ascending token order, as the CPU kernel
+    // Ascending token order, as the CPU kernel. kMemberLoads rows are loaded before any is added, so
+    // that many loads are in flight per thread (one at a time left each thread waiting ~a DRAM latency
+    // per member); the additions keep the member order, so the bits do not change.
+    int m = m0;
+    for (; m + kMemberLoads <= m1; m += kMemberLoads) {
+      float x[kMemberLoads][V];
+#pragma unroll
+      for (int j = 0; j < kMemberLoads; ++j)
+        load_floats<V>(hid + int64_t(order[members[m + j]]) * c + int64_t(u) * V, x[j]);
+#pragma unroll
+      for (int j = 0; j < kMemberLoads; ++j)
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[i] += x[j][i];
+    }
+    for (; m < m1; ++m) {
       float x[V];
       load_floats<V>(hid + int64_t(order[members[m]]) * c + int64_t(u) * V, x);
 #pragma unroll

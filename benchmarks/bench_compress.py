@@ -207,22 +207,24 @@ def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = N
         w = WORKLOADS[name]
         sets = input_sets(w, dtype, device)
         nxt = itertools.cycle(sets).__next__
+
+        def rotating(f: Callable[[dict], object]) -> Callable[[], object]:
+            return lambda: f(nxt())  # each call takes the next input set
+
+        # each method as a call on one input set: timed per call here, replayed in a graph below
+        calls = {m: (lambda x, f=fn: f(x["hidden"], x["attn"], x["keys"], w)) for m, fn in methods.items()}
         # the clone floor: one copy of the largest input that must be read whole
-        clone_ms = median_ms(lambda: (lambda x: (x["hidden"] if w.has_cls else x["attn"]).clone())(nxt()),
-                             device, args.min_time)
+        clone_ms = median_ms(rotating(lambda x: (x["hidden"] if w.has_cls else x["attn"]).clone()), device,
+                             args.min_time)
         moved = bytes_moved(w, sets[0]["hidden"].element_size())
-        times = {}
-        for mname, fn in methods.items():
-            times[mname] = median_ms(lambda: (lambda x: fn(x["hidden"], x["attn"], x["keys"], w))(nxt()),
-                                     device, args.min_time)
+        times = {m: median_ms(rotating(call), device, args.min_time) for m, call in calls.items()}
         for mname, ms in times.items():
             row = dict(workload=name, method=mname, ms=ms, speedup_vs_eager=times["eager"] / ms if "eager" in times
                        else None, vs_clone=ms / clone_ms, clone_ms=clone_ms, bytes_moved=moved)
             if bw is not None:
                 # the fused kernels' device time (graph replay) measures the kernel against the copy
                 # bandwidth; per call (ms) the launch overhead is counted too, as a user pays it
-                dev = (graph_ms(lambda x, f=methods[mname]: f(x["hidden"], x["attn"], x["keys"], w), sets, device,
-                                args.min_time) if mname in FUSED else None)
+                dev = graph_ms(calls[mname], sets, device, args.min_time) if mname in FUSED else None
                 row["device_ms"] = dev
                 row["fraction_of_copy_bw"] = moved / ((dev or ms) * 1e-3) / 1e9 / bw
             rows.append(row)

@@ -117,9 +117,9 @@ inline LaunchPlan plan_compress(int batch, int n, int cx, int cm, int heads, int
     if (metric_is_hidden && cap > 2) cap = 2;
     splits = int(want < 1 ? 1 : (want > cap ? cap : want));
   }
-  // a multiple of 8 channels keeps every slice 16-byte aligned; recount the blocks that get any
-  const int per = (channels + splits - 1) / (splits > 0 ? splits : 1);
-  plan.split_channels = (per + 7) / 8 * 8 > 0 ? (per + 7) / 8 * 8 : 8;
+  // a multiple of 8 channels (at least 8) keeps every slice 16-byte aligned; recount the blocks
+  const int per = (channels + splits - 1) / splits;
+  plan.split_channels = per > 8 ? (per + 7) / 8 * 8 : 8;
   plan.channel_splits = channels > 0 ? (channels + plan.split_channels - 1) / plan.split_channels : 1;
   plan.smem_needed = smem_layout(n, cx, cm, false).total;
   if (plan.smem_needed > smem_limit) return plan;

@@ -52,8 +52,9 @@ With S programs per image the attention rows and the metric are read S times, mo
 Limits: N < 2**31 (int32 token indices in the workspace; offsets are int64); C, Ck and Cx are tiled,
 so the register footprint is fixed by the BLOCK_* constants, not by N, C or Cx (ptxas, sm_90a, from
 tools/check_triton_build.py: 64-80 registers with BLOCK_N = 1024, 240-255 with BLOCK_N = 4096, no
-spills on sm_90a, 32 B in one sm_80 variant; 12-32 KB of shared memory). The R*Cx*Ck similarity FMAs of an image run in each of its programs
-(fine with Ck = 64 keys, slow-ish with the hidden states as metric, Ck = C = 1024, and B = 1).
+spills on sm_90a, 32 B in one sm_80 variant; 12-32 KB of shared memory). The R*Cx*Ck similarity FMAs
+of an image run in each of its programs (fine with Ck = 64 keys, slow-ish with the hidden states as
+metric, Ck = C = 1024, and B = 1).
 float64 hidden states are not supported (ValueError); attn and keys of any float dtype (float64
 included) are converted to float32 on load, as the C++ kernel does.
 """
@@ -122,7 +123,7 @@ def _compress_kernel(
     HAS_CLS: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # N <= BLOCK_N: the keys stay in registers during the bisection
     BLOCK_N: tl.constexpr,  # tokens per chunk (scores, selection)
-    BLOCK_R: tl.constexpr,  # hidden rows per tile (dominant gather, means)
+    BLOCK_R: tl.constexpr,  # hidden rows per tile of the dominant gather (the means take 16 a step)
     BLOCK_C: tl.constexpr,  # channels per tile (dominant gather, means)
     BLOCK_P: tl.constexpr,  # remaining tokens per tile (assignment, counting sort)
     BLOCK_T: tl.constexpr,  # targets per tile

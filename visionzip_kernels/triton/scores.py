@@ -234,12 +234,12 @@ def received_scores_triton(
         lo, hi = segment_bounds(cu_seqlens, n)
     else:
         lo = hi = lse  # unused placeholders (HAS_SEG=False)
-    cast_f32 = interpreting() or q.dtype == torch.float32
+    interp, f32 = interpreting(), q.dtype == torch.float32
     # The float32 "ieee" dot runs on FMA units with whole tiles in registers: 64 x 64 tiles spill
     # there (ptxas sm_90: 255 registers + ~1 KB spills, tools/check_triton_build.py), 32 x 32 do not.
     # The interpreter keeps 64: there each program instance costs, not registers.
-    block = 32 if q.dtype == torch.float32 and not interpreting() else _BLOCK
-    common = dict(HAS_SEG=has_seg, CAST_F32=cast_f32, BLOCK_M=block, BLOCK_N=block, BLOCK_D=_block_d(d))
+    block = 32 if f32 and not interp else _BLOCK
+    common = dict(HAS_SEG=has_seg, CAST_F32=interp or f32, BLOCK_M=block, BLOCK_N=block, BLOCK_D=_block_d(d))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     sc = _resolve_scale(scale, d)
     grid = (b * h, triton.cdiv(n, block))

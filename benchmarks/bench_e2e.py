@@ -1,8 +1,9 @@
 """End-to-end prefill benchmark of VisionZip in a transformers LLaVA model (issue 7).
 
 A mid-size random-weight LLaVA: CLIP ViT-L/14 at 336 px (24 layers, width 1024, 577 tokens) and a
-Llama of hidden 1024 (``--llm-layers`` layers, ~200-300 M parameters). One prefill = one forward over a
-prompt with one image (vision tower + projector + LLM, ``logits_to_keep=1``), unpatched and with
+Llama of hidden 1024 (12 layers, ~150 M parameters without embeddings; ``--llm 7b`` for LLaVA-1.5-7B's
+proportions). One prefill = one forward over ``--batch`` prompts of one image each (vision tower +
+projector + LLM, ``logits_to_keep=1``), unpatched and with
 VisionZip at budgets 64 / 128 / 192, side by side. Each configuration runs in its own subprocess so
 that its peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, weights included)
 is its own. Also timed, in the same process: the vision part alone (``get_image_features``) and the
@@ -11,6 +12,7 @@ each is visible and the LLM speedup is measured, not inferred.
 
     python benchmarks/bench_e2e.py                  # table + benchmarks/results/e2e_<machine>.json
     python benchmarks/bench_e2e.py --repeats 2 --note "2 shared cores"
+    python benchmarks/bench_e2e.py --device cuda --llm 7b --batch 8   # on a GPU
 
 Random weights: the numbers are about cost, not answers.
 """
@@ -44,15 +46,18 @@ LLMS = {
 }
 
 
+def llm_shape(llm: str, llm_layers: int | None = None) -> dict:
+    """The Llama config fields of a preset, with ``llm_layers`` (if given) as its depth."""
+    return {**LLMS[llm], **({"num_hidden_layers": llm_layers} if llm_layers else {})}
+
+
 def build_model(llm: str, llm_layers: int | None, dtype, device, vision_layers: int = 24):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers,
                               num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-    shape = dict(LLMS[llm])
-    if llm_layers:
-        shape["num_hidden_layers"] = llm_layers
+    shape = llm_shape(llm, llm_layers)
     text = LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"], vocab_size=32064,
                        max_position_embeddings=4096)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN,
@@ -198,9 +203,8 @@ def main() -> None:
     rows = []
     for budget in [0] + [int(b) for b in args.budgets.split(",")]:
         cmd = [sys.executable, __file__, "--one", "--budget", str(budget), "--device", args.device,
-               "--dtype", args.dtype, "--llm", args.llm, "--llm-layers", str(args.llm_layers), "--batch", str(args.batch),
-               "--vision-layers", str(args.vision_layers),
-               "--repeats", str(args.repeats),
+               "--dtype", args.dtype, "--llm", args.llm, "--llm-layers", str(args.llm_layers),
+               "--batch", str(args.batch), "--vision-layers", str(args.vision_layers), "--repeats", str(args.repeats),
                "--warmup", str(args.warmup), "--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0:
@@ -223,7 +227,7 @@ def main() -> None:
                      f"{r['vision_ms']:>10.1f} {r['llm_ms']:>9.1f} {r['prefill_speedup']:>7.2f}x "
                      f"{r['llm_speedup']:>11.2f}x {r['peak_memory_bytes'] / 2**20:>9.0f}")
     table = "\n".join(lines)
-    shape = {**LLMS[args.llm], **({"num_hidden_layers": args.llm_layers} if args.llm_layers else {})}
+    shape = llm_shape(args.llm, args.llm_layers)
     llm_desc = (f"Llama hidden {shape['hidden_size']} x {shape['num_hidden_layers']} layers, intermediate "
                 f"{shape['intermediate_size']}, vocab 32064")
     print(f"\nLLaVA (CLIP ViT-L/336 + {llm_desc}, random weights), batch {args.batch}, "

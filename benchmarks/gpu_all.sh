@@ -9,8 +9,7 @@
 # bench-fp16 (compress: eager / compile / reference / triton / cuda, copy bandwidth) -> sanitize
 # (compute-sanitizer memcheck + racecheck over every GPU kernel) -> bench-bf16 -> scores (CLIP ViT-L
 # tower, eager+attentions vs SDPA + cls_scores) -> e2e (LLaVA prefill: the small LLM at batch 1,
-# a 7B-proportioned LLM at batch 8) -> cpu-tests (the rest of the
-# suite, which CI also runs).
+# a 7B-proportioned LLM at batch 8) -> cpu-tests (the rest of the suite, which CI also runs).
 #
 # The device tool stops a command at 600 s, so the stages share one budget (GPU_ALL_BUDGET_S, default
 # 570 s): each runs under `timeout` with what is left, and one that does not fit is reported as not

@@ -126,10 +126,7 @@ def test_bench_e2e_smoke(tmp_path):
 
 def test_bench_e2e_7b_shape():
     """The 7B-proportioned LLM preset (for a GPU run), built on the meta device: shapes only."""
-    import torch
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import bench_e2e
+    import bench_e2e  # benchmarks/ is on sys.path (module top)
 
     model = bench_e2e.build_model("7b", 2, torch.float16, "meta", vision_layers=1)
     text = model.config.text_config

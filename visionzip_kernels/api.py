@@ -55,8 +55,7 @@ def _device_backends(device: Union[torch.device, str, None]) -> list[str]:
 def _direct_call_ok(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether the Triton launcher may be called without its custom op. The op is what torch.compile,
     torch.jit.trace, autograd, tensor subclasses and dispatch modes see; in plain eager inference it
-    only adds Python dispatch (~20 us a call on a 2-core VM, the same order as the whole launch at
-    B = 1)."""
+    only adds the custom op's Python dispatch to a call that is launch-bound at small batches."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     grad = torch.is_grad_enabled()

@@ -8,6 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 TRITON_VERSION := 3.7.1
+# Extras of pyproject.toml the development environment gets (versions pinned by requirements/lock.txt).
+EXTRAS := test triton transformers bench
 export MAX_JOBS ?= 2
 
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc')
@@ -18,7 +20,7 @@ BUILT := visionzip_kernels/.build-stamp
 
 setup: $(READY)
 
-$(READY): pyproject.toml Makefile
+$(READY): pyproject.toml requirements/lock.txt Makefile
 	@set -e; \
 	if [ ! -x $(PY) ]; then \
 	  if $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then \
@@ -29,13 +31,10 @@ $(READY): pyproject.toml Makefile
 	fi; \
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q triton==$(TRITON_VERSION); \
-	$(PY) -c "import sys, setuptools; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null \
-	  || $(PY) -m pip install -q "setuptools>=77"; \
-	for pkg in numpy pytest matplotlib ninja wheel "transformers>=5,<6"; do \
-	  mod=$${pkg%%[<>=]*}; \
-	  $(PY) -c "import $$mod" 2>/dev/null || $(PY) -m pip install -q "$$pkg"; \
-	done; \
-	$(PY) -c "import torch, triton; print('== torch', torch.__version__, '| triton', triton.__version__)"; \
+	$(PY) -m pip install -q -c requirements/lock.txt "setuptools>=77" \
+	  $$($(PY) tools/extras.py $(EXTRAS)); \
+	$(PY) -c "import torch, triton, transformers; print('== torch', torch.__version__, '| triton', \
+	  triton.__version__, '| transformers', transformers.__version__)"; \
 	touch $@
 
 build: $(BUILT)

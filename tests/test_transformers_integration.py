@@ -171,6 +171,19 @@ class LMInputs:
         self._h.remove()
 
 
+def image_rows(model, inputs, token: int = IMAGE) -> torch.Tensor:
+    """One forward; the rows of the LLM's ``inputs_embeds`` at the image placeholders, (tokens, C) for
+    the whole batch in order. This is what the language model receives, read the same way on every
+    transformers 5.x (``image_hidden_states`` is deprecated from 5.24 and OneVision no longer has it)."""
+    rec = LMInputs(model)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        rec.close()
+    return rec.calls[-1]["inputs_embeds"][inputs["input_ids"] == token]
+
+
 def _gen(model, inputs, n: int = 3):
     return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
@@ -259,12 +272,12 @@ def test_llava_features_match_reference(llava, images):
         try:
             inputs = proc(images=images, text=[PROMPT, PROMPT], return_tensors="pt")
             store, hooks, attn = _capture_clip_layer(model)
-            out = model(**inputs)
+            got = image_rows(model, inputs)
             for hk in hooks:
                 hk.remove()
             ref = _oracle_from_capture(store, attn, budget, has_cls=True)
             expected = model.model.multi_modal_projector(ref.output)
-            torch.testing.assert_close(out.image_hidden_states.view(2, budget, -1), expected, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got.view(2, budget, -1), expected, rtol=1e-5, atol=1e-6)
             # the kept indices are exposed and agree with the oracle; CLS is kept
             feats = model.model.get_image_features(inputs.pixel_values, return_dict=True)
             assert torch.equal(torch.stack(feats.dominant_indices), ref.dominant_indices)
@@ -313,8 +326,8 @@ def test_llava_batch_of_two_equals_single(llava, images):
     handle = apply_visionzip(model, budget=8, processor=proc)
     try:
         with torch.no_grad():
-            both = model(**proc(images=images, text=[PROMPT, PROMPT], return_tensors="pt")).image_hidden_states
-            one = [model(**proc(images=[im], text=[PROMPT], return_tensors="pt")).image_hidden_states for im in images]
+            both = image_rows(model, proc(images=images, text=[PROMPT, PROMPT], return_tensors="pt"))
+            one = [image_rows(model, proc(images=[im], text=[PROMPT], return_tensors="pt")) for im in images]
         torch.testing.assert_close(both, torch.cat(one), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(one[0], one[1])
         out = _gen(model, proc(images=images, text=[PROMPT, "USER: <image> describe it ASSISTANT:"],
@@ -333,8 +346,8 @@ def test_llava_multi_turn_reuses_compressed_tokens(llava, images):
         turn2_text = PROMPT + " w1 w2 USER: and now describe it ASSISTANT:"
         turn2 = proc(images=images[:1], text=[turn2_text], return_tensors="pt")
         with torch.no_grad():
-            f1 = model(**turn1).image_hidden_states
-            f2 = model(**turn2).image_hidden_states
+            f1 = image_rows(model, turn1)
+            f2 = image_rows(model, turn2)
         assert torch.equal(f1, f2)  # text-agnostic: the question does not change the kept tokens
         assert int((turn2.input_ids == IMAGE).sum()) == 8
         _gen(model, turn2)
@@ -372,8 +385,7 @@ def test_two_models_are_independent(images):
         apply_visionzip(b, budget=12)
         remove_visionzip(b)  # b patched and unpatched while a stays patched
         assert torch.equal(b(**full_inputs).logits, ref)
-        out_a = a(**proc_a(images=images[:1], text=[PROMPT], return_tensors="pt"))
-        assert out_a.image_hidden_states.shape[0] == 8
+        assert image_rows(a, proc_a(images=images[:1], text=[PROMPT], return_tensors="pt")).shape[0] == 8
         assert type(a).get_image_features is type(b).get_image_features  # classes untouched
         remove_visionzip(a)
 
@@ -571,13 +583,11 @@ def test_anyres_models(builder, has_cls):
         crops = int(inputs.pixel_values.shape[1])
         assert int((inputs.input_ids == IMAGE).sum()) == crops * budget + 1 < int((plain.input_ids == IMAGE).sum())
         store, hooks, attn = _capture_clip_layer(model)
-        with torch.no_grad():
-            out = model(**inputs)
+        feats = image_rows(model, inputs)
         for hk in hooks:
             hk.remove()
         ref = _oracle_from_capture(store, attn, budget, has_cls=has_cls)  # one row per crop
         expected = model.model.multi_modal_projector(ref.output).flatten(0, 1)
-        feats = out.image_hidden_states
         torch.testing.assert_close(feats[:-1], expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(feats[-1], model.model.image_newline.to(feats))  # trailing newline
         assert _gen(model, inputs).shape[1] == inputs.input_ids.shape[1] + 3

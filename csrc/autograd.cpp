@@ -16,18 +16,19 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using IndicesResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-IndicesResult call_with_indices(const at::Tensor& hidden, const at::Tensor& attn, int64_t k,
-                                const std::optional<at::Tensor>& keys, std::optional<int64_t> contextual,
-                                bool has_cls) {
+IndicesResult call_with_indices(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
+                                const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
+                                const at::Scalar& has_cls) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("visionzip::compress_with_indices", "")
-                       .typed<IndicesResult(const at::Tensor&, const at::Tensor&, int64_t,
-                                            const std::optional<at::Tensor>&, std::optional<int64_t>, bool)>();
+                       .typed<IndicesResult(const at::Tensor&, const at::Tensor&, const at::Scalar&,
+                                            const std::optional<at::Tensor>&, const std::optional<at::Scalar>&,
+                                            const at::Scalar&)>();
   return op.call(hidden, attn, k, keys, contextual, has_cls);
 }
 
-// grad_out (B, k, C), token_map (B, N), targets (B, Cx) -> grad of hidden (B, N, C).
-at::Tensor hidden_grad(const at::Tensor& grad_out, const at::Tensor& token_map, const at::Tensor& targets,
+// grad_out (B, k, C), token_map (B, N), contextual_indices (B, Cx) -> grad of hidden (B, N, C).
+at::Tensor hidden_grad(const at::Tensor& grad_out, const at::Tensor& token_map, const at::Tensor& contextual_indices,
                        int64_t dominant) {
   const int64_t b = token_map.size(0), k = grad_out.size(1), c = grad_out.size(2);
   // counts and weights in float32 (exact to 2^24), float64 for float64 gradients
@@ -36,7 +37,7 @@ at::Tensor hidden_grad(const at::Tensor& grad_out, const at::Tensor& token_map, 
   auto rows = token_map.clamp_min(0);
   // tokens mapped to each output row (a contextual row counts its target too)
   auto per_row = at::zeros({b, k}, grad_out.options().dtype(acc)).scatter_add_(1, rows, kept);
-  auto is_target = at::zeros_like(token_map, token_map.options().dtype(at::kBool)).scatter_(1, targets, true);
+  auto is_target = at::zeros_like(token_map, token_map.options().dtype(at::kBool)).scatter_(1, contextual_indices, true);
   auto member = token_map.ge(dominant).logical_and(is_target.logical_not());
   auto scale = at::where(member, (per_row.gather(1, rows) - 1).clamp_min(1).reciprocal(), kept);
   return grad_out.gather(1, rows.unsqueeze(-1).expand({b, rows.size(1), c})) * scale.unsqueeze(-1).to(grad_out.scalar_type());
@@ -44,15 +45,16 @@ at::Tensor hidden_grad(const at::Tensor& grad_out, const at::Tensor& token_map, 
 
 class CompressFunction : public torch::autograd::Function<CompressFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& attn, int64_t k,
-                               const std::optional<at::Tensor>& keys, std::optional<int64_t> contextual,
-                               bool has_cls) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& attn,
+                               const at::Scalar& k, const std::optional<at::Tensor>& keys,
+                               const std::optional<at::Scalar>& contextual, const at::Scalar& has_cls) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, dominant, targets, token_map] = call_with_indices(hidden, attn, k, keys, contextual, has_cls);
-    ctx->save_for_backward({token_map, targets});
+    auto [output, dominant, contextual_indices, token_map] =
+        call_with_indices(hidden, attn, k, keys, contextual, has_cls);
+    ctx->save_for_backward({token_map, contextual_indices});
     ctx->saved_data["dominant"] = dominant.size(1);
-    ctx->mark_non_differentiable({dominant, targets, token_map});
-    return {out, dominant, targets, token_map};
+    ctx->mark_non_differentiable({dominant, contextual_indices, token_map});
+    return {output, dominant, contextual_indices, token_map};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -63,23 +65,25 @@ class CompressFunction : public torch::autograd::Function<CompressFunction> {
   }
 };
 
-IndicesResult compress_with_indices_autograd(const at::Tensor& hidden, const at::Tensor& attn, int64_t k,
+IndicesResult compress_with_indices_autograd(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                                              const std::optional<at::Tensor>& keys,
-                                             std::optional<int64_t> contextual, bool has_cls) {
+                                             const std::optional<at::Scalar>& contextual, const at::Scalar& has_cls) {
   auto r = CompressFunction::apply(hidden, attn, k, keys, contextual, has_cls);
   return {r[0], r[1], r[2], r[3]};
 }
 
-at::Tensor compress_autograd(const at::Tensor& hidden, const at::Tensor& attn, int64_t k,
-                             const std::optional<at::Tensor>& keys, std::optional<int64_t> contextual, bool has_cls) {
+at::Tensor compress_autograd(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
+                             const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
+                             const at::Scalar& has_cls) {
   if (at::GradMode::is_enabled() && hidden.requires_grad()) {
     return CompressFunction::apply(hidden, attn, k, keys, contextual, has_cls)[0];
   }
   // Inference: straight to the device kernel of `compress` (which may skip the index outputs).
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("visionzip::compress", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t,
-                                         const std::optional<at::Tensor>&, std::optional<int64_t>, bool)>();
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Scalar&,
+                                         const std::optional<at::Tensor>&, const std::optional<at::Scalar>&,
+                                         const at::Scalar&)>();
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(hidden, attn, k, keys, contextual, has_cls);
 }

@@ -1,6 +1,7 @@
-// Argument checks and launch geometry shared by the CPU and CUDA bindings of visionzip::compress.
-// The Python entry points raise ValueError with the same wording first; these TORCH_CHECKs guard
-// C++/libtorch callers and the kernels' memory accesses.
+// Argument checks and the static sizes of one call (CompressPlan), shared by the CPU and CUDA bindings
+// of visionzip::compress: the C++ twin of visionzip_kernels/compress.py (check_compress_inputs,
+// CompressPlan). The Python entry points raise ValueError with the same wording first; these
+// TORCH_CHECKs guard C++/libtorch callers and the kernels' memory accesses.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,7 +12,7 @@
 
 namespace visionzip {
 
-struct CompressGeometry {
+struct CompressPlan {
   int64_t batch = 0, tokens = 0, channels = 0;
   int64_t dominant = 0, contextual = 0;
   bool has_cls = true;
@@ -25,9 +26,13 @@ struct CompressGeometry {
   }
 };
 
-inline CompressGeometry check_compress_args(
-    const at::Tensor& hidden, const at::Tensor& attn, int64_t k, const std::optional<at::Tensor>& keys,
-    std::optional<int64_t> contextual, bool has_cls) {
+inline CompressPlan check_compress_inputs(
+    const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k_arg, const std::optional<at::Tensor>& keys,
+    const std::optional<at::Scalar>& contextual_arg, const at::Scalar& has_cls_arg) {
+  constexpr const char* op = "visionzip::compress";
+  const int64_t k = int_arg(op, "k", k_arg);
+  const std::optional<int64_t> contextual = optional_int_arg(op, "contextual", contextual_arg);
+  const bool has_cls = bool_arg(op, "has_cls", has_cls_arg);
   TORCH_CHECK(hidden.dim() == 3, "visionzip::compress: hidden must have shape (B, N, C); got ", hidden.sizes());
   TORCH_CHECK(is_float_dtype(hidden), "visionzip::compress: hidden must be a floating tensor; got ", hidden.scalar_type());
   TORCH_CHECK(is_float_dtype(attn), "visionzip::compress: attn must be a floating tensor; got ", attn.scalar_type());
@@ -36,7 +41,7 @@ inline CompressGeometry check_compress_args(
   TORCH_CHECK(attn.device() == hidden.device(), "visionzip::compress: attn is on ", attn.device(),
               " but hidden is on ", hidden.device());
 
-  CompressGeometry g;
+  CompressPlan g;
   g.batch = b; g.tokens = n; g.channels = c; g.has_cls = has_cls;
   const int64_t cx = contextual.has_value() ? *contextual : k * 5 / 32;
   TORCH_CHECK(k >= 1 && k <= n, "visionzip::compress: k must satisfy 1 <= k <= N = ", n, "; got k=", k);
@@ -89,12 +94,13 @@ inline CompressGeometry check_compress_args(
   return g;
 }
 
-// Outputs of one pass: (B, k, C) rows, (B, D) dominant indices, (B, Cx) target indices, (B, N) token map.
+// Outputs of one pass (docs/spec.md "Outputs"): (B, k, C) output rows, (B, D) dominant indices,
+// (B, Cx) contextual indices (the token of each contextual target), (B, N) token map.
 struct CompressOutputs {
-  at::Tensor out, dominant, targets, token_map;
+  at::Tensor output, dominant_indices, contextual_indices, token_map;
 };
 
-inline CompressOutputs allocate_outputs(const CompressGeometry& g) {
+inline CompressOutputs allocate_outputs(const CompressPlan& g) {
   auto idx = g.hidden.options().dtype(at::kLong);
   return {at::empty({g.batch, g.dominant + g.contextual, g.channels}, g.hidden.options()),
           at::empty({g.batch, g.dominant}, idx), at::empty({g.batch, g.contextual}, idx),

@@ -1,6 +1,6 @@
 // The one place where the visionzip operator schemas are defined. Kernels register themselves per
 // device in their own files (cpu/compress_cpu.cpp, cuda/*.cu); the fake (meta) kernels and the
-// Triton implementations are registered from Python in visionzip_kernels/ops.py.
+// Triton implementations are registered from Python (visionzip_kernels/compress.py, scores.py, triton/).
 #include <torch/library.h>
 
 #ifdef VISIONZIP_PYTHON_MODULE
@@ -21,19 +21,22 @@ TORCH_LIBRARY(visionzip, m) {
   // Tells torch where the fake kernels live, so tracing without importing the package fails clearly.
   m.set_python_module("visionzip_kernels.ops");
 #endif
+  // compress (docs/spec.md "Compress"). k and contextual are ints and has_cls a bool, declared as
+  // Scalar so that the kernels see what the caller passed: a bool for k (or an int for has_cls) is an
+  // error, not converted (common.h int_arg / bool_arg).
   m.def(
-      "compress(Tensor hidden, Tensor attn, int k, *, Tensor? keys=None, int? contextual=None, "
-      "bool has_cls=True) -> Tensor");
+      "compress(Tensor hidden, Tensor attn, Scalar k, *, Tensor? keys=None, Scalar? contextual=None, "
+      "Scalar has_cls=True) -> Tensor");
   m.def(
-      "compress_with_indices(Tensor hidden, Tensor attn, int k, *, Tensor? keys=None, int? contextual=None, "
-      "bool has_cls=True) -> (Tensor output, Tensor dominant_indices, Tensor contextual_indices, "
+      "compress_with_indices(Tensor hidden, Tensor attn, Scalar k, *, Tensor? keys=None, Scalar? contextual=None, "
+      "Scalar has_cls=True) -> (Tensor output, Tensor dominant_indices, Tensor contextual_indices, "
       "Tensor token_map)");
   // Backward of compress for `hidden` from the pass's indices (device-generic; csrc/autograd.cpp).
   // Public only so that every backend's autograd (C++ and the Triton custom ops) shares one formula.
   m.def(
       "_compress_hidden_grad(Tensor grad_out, Tensor token_map, Tensor contextual_indices, int dominant) "
       "-> Tensor");
-  // Attention scores without the N x N matrix (SPEC 4). q, k in one floating dtype; the result is
+  // Attention scores without the N x N matrix (docs/spec.md "Scores"). q, k in one floating dtype; the result is
   // float32 (float64 for float64 inputs). scale defaults to 1/sqrt(d).
   //   cls_scores: q (B, H, d) the CLS query of every head, k (B, H, N, d) -> (B, N):
   //     sum over heads of softmax(q . k^T * scale).

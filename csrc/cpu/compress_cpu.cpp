@@ -1,4 +1,4 @@
-// Fused CPU kernel of visionzip::compress (SPEC 1-3).
+// Fused CPU kernel of visionzip::compress (docs/spec.md "Compress").
 //
 // One pass per image: head/query reduction of the attention into float scores, partial selection
 // of the dominant tokens (nth_element, no full sort), ordered gather, cosine assignment of the
@@ -41,12 +41,12 @@ namespace avx2 {
 #pragma GCC pop_options
 #endif
 
-CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, int64_t k,
-                              const std::optional<at::Tensor>& keys, std::optional<int64_t> contextual,
-                              bool has_cls) {
+CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
+                              const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
+                              const at::Scalar& has_cls) {
   TORCH_CHECK(hidden.device().is_cpu(), "visionzip::compress (CPU kernel): hidden must be on the CPU; got ",
               hidden.device());
-  CompressGeometry g = check_compress_args(hidden, attn, k, keys, contextual, has_cls);
+  CompressPlan g = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls);
   CompressOutputs o = allocate_outputs(g);
   if (g.batch == 0) return o;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.hidden.scalar_type(), "visionzip_compress_cpu",
@@ -54,16 +54,17 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   return o;
 }
 
-at::Tensor compress_cpu(const at::Tensor& hidden, const at::Tensor& attn, int64_t k,
-                        const std::optional<at::Tensor>& keys, std::optional<int64_t> contextual, bool has_cls) {
-  return compress_pass(hidden, attn, k, keys, contextual, has_cls).out;
+at::Tensor compress_cpu(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
+                        const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
+                        const at::Scalar& has_cls) {
+  return compress_pass(hidden, attn, k, keys, contextual, has_cls).output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_with_indices_cpu(
-    const at::Tensor& hidden, const at::Tensor& attn, int64_t k, const std::optional<at::Tensor>& keys,
-    std::optional<int64_t> contextual, bool has_cls) {
+    const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k, const std::optional<at::Tensor>& keys,
+    const std::optional<at::Scalar>& contextual, const at::Scalar& has_cls) {
   CompressOutputs o = compress_pass(hidden, attn, k, keys, contextual, has_cls);
-  return {o.out, o.dominant, o.targets, o.token_map};
+  return {o.output, o.dominant_indices, o.contextual_indices, o.token_map};
 }
 
 }  // namespace

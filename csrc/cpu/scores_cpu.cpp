@@ -1,5 +1,6 @@
-// Fused CPU kernels of visionzip::cls_scores and visionzip::received_scores (SPEC 4): the token
-// scores of VisionZip computed from the selection layer's q and k without the N x N matrix.
+// Fused CPU kernels of visionzip::cls_scores and visionzip::received_scores: the token
+// scores of VisionZip computed from the selection layer's q and k without the N x N matrix
+// (docs/spec.md "Scores").
 //
 // cls_scores: one softmax row per (image, head), O(N d) work and O(B H N) memory.
 // received_scores: column sums of softmax(Q K^T * scale) in two streaming passes over 64 x 64 tiles:
@@ -105,6 +106,7 @@ namespace avx2 {
 at::Tensor cls_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, std::optional<double> scale) {
   const char* op = "visionzip::cls_scores";
   check_common(op, q_in, k_in);
+  scale_arg(op, scale);
   TORCH_CHECK(q_in.dim() == 3 && q_in.size(0) == k_in.size(0) && q_in.size(1) == k_in.size(1) &&
                   q_in.size(2) == k_in.size(3),
               op, ": q must have shape (B, H, d) matching k ", k_in.sizes(), "; got ", q_in.sizes());
@@ -146,6 +148,7 @@ at::Tensor received_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, s
                                const std::optional<at::Tensor>& cu_seqlens) {
   const char* op = "visionzip::received_scores";
   check_common(op, q_in, k_in);
+  scale_arg(op, scale);
   TORCH_CHECK(q_in.dim() == 4 && q_in.sizes() == k_in.sizes(), op,
               ": q must have the shape (B, H, N, d) of k ", k_in.sizes(), "; got ", q_in.sizes());
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in);

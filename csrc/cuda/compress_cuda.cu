@@ -33,16 +33,16 @@ ck::DType kernel_dtype(at::ScalarType t) {
   TORCH_CHECK(false, "visionzip::compress (CUDA kernel): unsupported dtype ", t);
 }
 
-CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, int64_t k,
-                              const std::optional<at::Tensor>& keys, std::optional<int64_t> contextual,
-                              bool has_cls) {
+CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
+                              const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
+                              const at::Scalar& has_cls) {
   TORCH_CHECK(hidden.is_cuda(), "visionzip::compress (CUDA kernel): hidden must be on a CUDA device; got ",
               hidden.device());
   TORCH_CHECK(hidden.scalar_type() != at::kDouble,
               "visionzip::compress (CUDA kernel): float64 hidden is not supported; cast to float32 or use "
               "backend='reference'");
   const c10::cuda::CUDAGuard guard(hidden.device());
-  CompressGeometry g = check_compress_args(hidden, attn, k, keys, contextual, has_cls);
+  CompressPlan g = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls);
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   TORCH_CHECK(g.tokens <= kIntMax && g.channels <= kIntMax && g.metric.size(2) <= kIntMax &&
                   g.batch <= kIntMax && g.heads <= kIntMax,
@@ -81,9 +81,9 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   p.metric = g.metric.data_ptr();
   p.score_partials = partials.defined() ? partials.data_ptr<float>() : nullptr;
   p.target_scratch = scratch.defined() ? scratch.data_ptr<float>() : nullptr;
-  p.out = o.out.data_ptr();
-  p.dominant = o.dominant.data_ptr<int64_t>();
-  p.targets = o.targets.data_ptr<int64_t>();
+  p.out = o.output.data_ptr();
+  p.dominant = o.dominant_indices.data_ptr<int64_t>();
+  p.contextual_indices = o.contextual_indices.data_ptr<int64_t>();
   p.token_map = o.token_map.data_ptr<int64_t>();
   p.batch = int(g.batch);
   p.tokens = n;
@@ -105,16 +105,17 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   return o;
 }
 
-at::Tensor compress_cuda(const at::Tensor& hidden, const at::Tensor& attn, int64_t k,
-                         const std::optional<at::Tensor>& keys, std::optional<int64_t> contextual, bool has_cls) {
-  return compress_pass(hidden, attn, k, keys, contextual, has_cls).out;
+at::Tensor compress_cuda(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
+                         const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
+                         const at::Scalar& has_cls) {
+  return compress_pass(hidden, attn, k, keys, contextual, has_cls).output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_with_indices_cuda(
-    const at::Tensor& hidden, const at::Tensor& attn, int64_t k, const std::optional<at::Tensor>& keys,
-    std::optional<int64_t> contextual, bool has_cls) {
+    const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k, const std::optional<at::Tensor>& keys,
+    const std::optional<at::Scalar>& contextual, const at::Scalar& has_cls) {
   CompressOutputs o = compress_pass(hidden, attn, k, keys, contextual, has_cls);
-  return {o.out, o.dominant, o.targets, o.token_map};
+  return {o.output, o.dominant_indices, o.contextual_indices, o.token_map};
 }
 
 }  // namespace

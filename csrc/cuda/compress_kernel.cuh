@@ -1,4 +1,4 @@
-// Hand-written CUDA kernel of visionzip::compress (SPEC 1-3), on raw pointers: no torch headers,
+// Hand-written CUDA kernel of visionzip::compress (docs/spec.md "Compress"), on raw pointers: no torch headers,
 // so it compiles with plain nvcc and (with tests/cuda_emulation/host_emulation.h providing the CUDA
 // built-ins) as host C++, which is how the block algorithm is tested without a GPU.
 //
@@ -66,7 +66,7 @@ struct CompressParams {
   float* target_scratch;  // (B * S, Cx, Cm) float32 when the normalised targets do not fit in shared memory
   void* out;              // (B, D + Cx, C) scalar_t
   int64_t* dominant;      // (B, D)
-  int64_t* targets;       // (B, Cx)
+  int64_t* contextual_indices;  // (B, Cx) token of each contextual target
   int64_t* token_map;     // (B, N)
   int batch, tokens, channels, metric_dim, heads, queries;
   int dominant_count, contextual, step, partial_slices;
@@ -484,7 +484,7 @@ VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
   // 4. Targets and their normalised metric rows.
   float* that = p.target_scratch == nullptr ? reinterpret_cast<float*>(smem + L.targets)
                                             : p.target_scratch + (int64_t(b) * gridDim.y + blockIdx.y) * cx * cm;
-  for (int t = tid; t < cx; t += nthreads) p.targets[int64_t(b) * cx + t] = order[t * step];
+  for (int t = tid; t < cx; t += nthreads) p.contextual_indices[int64_t(b) * cx + t] = order[t * step];
   for (int t = warp; t < cx; t += nwarps) {
     const metric_t* x = met + int64_t(order[t * step]) * cm;
     float ss = 0.0f;

@@ -2,7 +2,7 @@
 // plan of the torch binding (plan_compress, pre-pass, scratch buffers). Driven by
 // tests/test_cuda_emulation.py:  runner IN OUT
 // IN: int64 header[21] (see below), then hidden, attn storage, metric (raw little-endian bytes).
-// OUT: output rows, dominant (int64), targets (int64), token_map (int64); the plan goes to stdout.
+// OUT: output rows, dominant indices (int64), contextual indices (int64), token_map (int64); the plan goes to stdout.
 #include "host_emulation.h"
 // clang-format off
 #include "../../csrc/cuda/compress_kernel.cuh"
@@ -103,7 +103,7 @@ int main(int argc, char** argv) {
     p.metric = own_metric ? metric.ptr : hidden.ptr;
     p.out = out.ptr;
     p.dominant = dom.as<int64_t>();
-    p.targets = tgt.as<int64_t>();
+    p.contextual_indices = tgt.as<int64_t>();
     p.token_map = map.as<int64_t>();
     p.batch = int(b), p.tokens = int(n), p.channels = int(c), p.metric_dim = int(cm);
     p.heads = int(hd[kH]), p.queries = int(hd[kQ]);

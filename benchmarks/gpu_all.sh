@@ -70,9 +70,9 @@ stage_build() {
   local rc=$?
   [ $restore -eq 1 ] && mv "$OUT/.pyproject.orig" pyproject.toml  # leave the checkout as it was
   [ $rc -eq 0 ] || { tail -n 40 "$LOG"; return 1; }
-  $PY -c "import visionzip_kernels as vz; from visionzip_kernels import ops
+  $PY -c "import visionzip_kernels as vz; from visionzip_kernels import _extension
 b = vz.available_backends('cuda'); print('backends on cuda:', b)
-assert ops.HAS_CUDA_KERNELS and 'cuda' in b and 'triton' in b, 'CUDA kernels or Triton missing'" 2>&1 | tee -a "$LOG"
+assert _extension.HAS_CUDA_KERNELS and 'cuda' in b and 'triton' in b, 'CUDA kernels or Triton missing'" 2>&1 | tee -a "$LOG"
 }
 
 stage_gpu_tests() {

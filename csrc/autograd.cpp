@@ -18,12 +18,12 @@ using IndicesResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 
 IndicesResult call_with_indices(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                                 const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
-                                const at::Scalar& has_cls) {
+                                const std::optional<bool>& has_cls) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("visionzip::compress_with_indices", "")
                        .typed<IndicesResult(const at::Tensor&, const at::Tensor&, const at::Scalar&,
                                             const std::optional<at::Tensor>&, const std::optional<at::Scalar>&,
-                                            const at::Scalar&)>();
+                                            const std::optional<bool>&)>();
   return op.call(hidden, attn, k, keys, contextual, has_cls);
 }
 
@@ -47,7 +47,7 @@ class CompressFunction : public torch::autograd::Function<CompressFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& hidden, const at::Tensor& attn,
                                const at::Scalar& k, const std::optional<at::Tensor>& keys,
-                               const std::optional<at::Scalar>& contextual, const at::Scalar& has_cls) {
+                               const std::optional<at::Scalar>& contextual, const std::optional<bool>& has_cls) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [output, dominant, contextual_indices, token_map] =
         call_with_indices(hidden, attn, k, keys, contextual, has_cls);
@@ -67,14 +67,14 @@ class CompressFunction : public torch::autograd::Function<CompressFunction> {
 
 IndicesResult compress_with_indices_autograd(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                                              const std::optional<at::Tensor>& keys,
-                                             const std::optional<at::Scalar>& contextual, const at::Scalar& has_cls) {
+                                             const std::optional<at::Scalar>& contextual, const std::optional<bool>& has_cls) {
   auto r = CompressFunction::apply(hidden, attn, k, keys, contextual, has_cls);
   return {r[0], r[1], r[2], r[3]};
 }
 
 at::Tensor compress_autograd(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                              const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
-                             const at::Scalar& has_cls) {
+                             const std::optional<bool>& has_cls) {
   if (at::GradMode::is_enabled() && hidden.requires_grad()) {
     return CompressFunction::apply(hidden, attn, k, keys, contextual, has_cls)[0];
   }
@@ -83,7 +83,7 @@ at::Tensor compress_autograd(const at::Tensor& hidden, const at::Tensor& attn, c
                        .findSchemaOrThrow("visionzip::compress", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Scalar&,
                                          const std::optional<at::Tensor>&, const std::optional<at::Scalar>&,
-                                         const at::Scalar&)>();
+                                         const std::optional<bool>&)>();
   at::AutoDispatchBelowADInplaceOrView guard;
   return op.call(hidden, attn, k, keys, contextual, has_cls);
 }

@@ -15,8 +15,9 @@ inline bool is_float_dtype(const at::Tensor& t) {
 }
 
 // Argument rules of docs/spec.md "Arguments", the C++ half (visionzip_kernels/_validation.py is the
-// Python half). Integer and flag arguments are `Scalar` in the schemas so that a bool passed as an
-// int, or an int passed as a flag, reaches this check instead of being converted by the binding.
+// Python half). Integer arguments are `Scalar` in the schemas and flags `bool?`, so that a bool
+// passed as an int, or None passed as a flag, reaches these checks instead of being converted by
+// the Python binding (which would make True a k of 1 and None a has_cls of False).
 inline int64_t int_arg(const char* op, const char* name, const at::Scalar& v) {
   TORCH_CHECK(v.isIntegral(/*includeBool=*/false), op, ": ", name, " must be an int; got a ",
               v.isBoolean() ? "bool" : (v.isFloatingPoint() ? "float" : "non-integer"), " (", v.toDouble(), ")");
@@ -29,10 +30,9 @@ inline std::optional<int64_t> optional_int_arg(const char* op, const char* name,
   return int_arg(op, name, *v);
 }
 
-inline bool bool_arg(const char* op, const char* name, const at::Scalar& v) {
-  TORCH_CHECK(v.isBoolean(), op, ": ", name, " must be a bool (True or False); got ",
-              v.isIntegral(false) ? "an int" : "a float", " (", v.toDouble(), ")");
-  return v.toBool();
+inline bool bool_arg(const char* op, const char* name, const std::optional<bool>& v) {
+  TORCH_CHECK(v.has_value(), op, ": ", name, " must be a bool (True or False); got None");
+  return *v;
 }
 
 // scale of the score ops: None (1/sqrt(d)) or a finite float.

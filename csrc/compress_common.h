@@ -28,7 +28,7 @@ struct CompressPlan {
 
 inline CompressPlan check_compress_inputs(
     const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k_arg, const std::optional<at::Tensor>& keys,
-    const std::optional<at::Scalar>& contextual_arg, const at::Scalar& has_cls_arg) {
+    const std::optional<at::Scalar>& contextual_arg, const std::optional<bool>& has_cls_arg) {
   constexpr const char* op = "visionzip::compress";
   const int64_t k = int_arg(op, "k", k_arg);
   const std::optional<int64_t> contextual = optional_int_arg(op, "contextual", contextual_arg);

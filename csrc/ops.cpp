@@ -1,6 +1,7 @@
 // The one place where the visionzip operator schemas are defined. Kernels register themselves per
-// device in their own files (cpu/compress_cpu.cpp, cuda/*.cu); the fake (meta) kernels and the
-// Triton implementations are registered from Python (visionzip_kernels/compress.py, scores.py, triton/).
+// device in their own files (cpu/compress_cpu.cpp, cuda/*.cu); the fake (meta) kernels are
+// registered from Python by each op's module (visionzip_kernels/ops/), the Triton implementations
+// by visionzip_kernels/triton/.
 #include <torch/library.h>
 
 #ifdef VISIONZIP_PYTHON_MODULE
@@ -16,28 +17,36 @@ PyObject* PyInit__C(void) {
 }
 #endif
 
+// One block per op module, so that torch knows where each op's fake kernels live (and a trace without
+// the package imported fails with a clear message).
 TORCH_LIBRARY(visionzip, m) {
 #ifdef VISIONZIP_PYTHON_MODULE
-  // Tells torch where the fake kernels live, so tracing without importing the package fails clearly.
-  m.set_python_module("visionzip_kernels.ops");
+  m.set_python_module("visionzip_kernels.ops.compress");
 #endif
-  // compress (docs/spec.md "Compress"). k and contextual are ints and has_cls a bool, declared as
-  // Scalar so that the kernels see what the caller passed: a bool for k (or an int for has_cls) is an
-  // error, not converted (common.h int_arg / bool_arg).
+  // compress (docs/spec.md "Compress"). k and contextual are ints, declared as Scalar so that the
+  // kernels see what the caller passed: a bool or a float for k is an error, not converted
+  // (common.h int_arg). has_cls is `bool?` (TorchScript cannot pass a bool as a Scalar) so that
+  // None reaches the check instead of becoming False (common.h bool_arg).
   m.def(
       "compress(Tensor hidden, Tensor attn, Scalar k, *, Tensor? keys=None, Scalar? contextual=None, "
-      "Scalar has_cls=True) -> Tensor");
+      "bool? has_cls=True) -> Tensor");
   m.def(
       "compress_with_indices(Tensor hidden, Tensor attn, Scalar k, *, Tensor? keys=None, Scalar? contextual=None, "
-      "Scalar has_cls=True) -> (Tensor output, Tensor dominant_indices, Tensor contextual_indices, "
+      "bool? has_cls=True) -> (Tensor output, Tensor dominant_indices, Tensor contextual_indices, "
       "Tensor token_map)");
   // Backward of compress for `hidden` from the pass's indices (device-generic; csrc/autograd.cpp).
   // Public only so that every backend's autograd (C++ and the Triton custom ops) shares one formula.
   m.def(
       "_compress_hidden_grad(Tensor grad_out, Tensor token_map, Tensor contextual_indices, int dominant) "
       "-> Tensor");
-  // Attention scores without the N x N matrix (docs/spec.md "Scores"). q, k in one floating dtype; the result is
-  // float32 (float64 for float64 inputs). scale defaults to 1/sqrt(d).
+}
+
+TORCH_LIBRARY_FRAGMENT(visionzip, m) {
+#ifdef VISIONZIP_PYTHON_MODULE
+  m.set_python_module("visionzip_kernels.ops.scores");
+#endif
+  // Attention scores without the N x N matrix (docs/spec.md "Scores"). q, k in one floating dtype; the
+  // result is float32 (float64 for float64 inputs). scale defaults to 1/sqrt(d) and must be finite.
   //   cls_scores: q (B, H, d) the CLS query of every head, k (B, H, N, d) -> (B, N):
   //     sum over heads of softmax(q . k^T * scale).
   //   received_scores: q, k (B, H, N, d) (same N: self-attention) -> (B, N): sum over heads and

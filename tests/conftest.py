@@ -2,7 +2,8 @@
 
 Without a CUDA device the Triton kernels run in the interpreter on CPU tensors: TRITON_INTERPRET
 must be set before the first ``@triton.jit`` runs, so before the package is imported.
-Tests marked ``gpu`` are skipped without a CUDA device, and the summary says how many.
+Tests marked ``gpu`` are skipped without a CUDA device, and the summary says how many. The
+``compress_backend`` fixture parametrises the compress contract suite over every backend.
 """
 
 import os
@@ -15,7 +16,16 @@ if not torch.cuda.is_available():
 
 import visionzip_kernels  # noqa: E402,F401
 
+from tests.helpers import BackendUnderTest, backend_params, require  # noqa: E402
+
 HAS_GPU = torch.cuda.is_available()
+
+
+@pytest.fixture(params=backend_params())
+def compress_backend(request) -> BackendUnderTest:
+    """The backend the compress contract suite (tests/test_compress.py) runs on: each one available
+    here (Triton on CPU tensors only in its interpreter; GPU ones only with a CUDA device)."""
+    return require(request.param)
 
 
 def pytest_collection_modifyitems(config, items):

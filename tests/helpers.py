@@ -11,14 +11,80 @@ demands identical choices, which pins the tie rules.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
+import visionzip_kernels as vz
 from visionzip_kernels import CompressResult, compress_reference
+from visionzip_kernels._backends import BACKENDS
 from visionzip_kernels.reference import normalize_rows, target_positions, token_scores
+
+@contextlib.contextmanager
+def poisoned_allocations() -> Iterator[None]:
+    """Inside, torch.empty fills floats with NaN and integers with their max value (CPU and CUDA):
+    an output element a kernel does not write cannot pass a comparison."""
+    det = torch.are_deterministic_algorithms_enabled()
+    warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(det, warn_only=warn)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@dataclass(frozen=True)
+class BackendUnderTest:
+    """One (backend, device) pair of the contract suites: what the ``compress_backend`` fixture of
+    tests/conftest.py yields, for every backend the registry declares on every device type."""
+
+    name: str
+    device: str
+
+    @property
+    def interpreted(self) -> bool:
+        """Triton on CPU tensors: the interpreter, where each program instance costs ~1 ms."""
+        return self.name == "triton" and self.device == "cpu"
+
+    def takes(self, dtype: torch.dtype) -> bool:
+        return dtype in BACKENDS[self.name].ops["compress"]
+
+    def run(self, case: "Case", **kwargs) -> CompressResult:
+        return vz.compress(case.hidden, case.attn, case.k, **case.kwargs(), backend=self.name, return_indices=True,
+                           **kwargs)
+
+    def __str__(self) -> str:
+        return f"{self.name}-{self.device}"
+
+
+def backend_params() -> list:
+    """pytest params of every declared backend on every device type it runs on; CUDA ones are GPU
+    tests (the ``compress_backend`` fixture of tests/conftest.py skips those not available here)."""
+    import pytest
+
+    params = []
+    for device in ("cpu", "cuda"):
+        for name, backend in BACKENDS.items():
+            if backend.devices is None or device in backend.devices:
+                bk = BackendUnderTest(name, device)
+                params.append(pytest.param(bk, id=str(bk), marks=[pytest.mark.gpu] if device == "cuda" else []))
+    return params
+
+
+def require(bk: BackendUnderTest) -> BackendUnderTest:
+    """``bk``, or skip the test where it is not available (Triton on CPU needs its interpreter)."""
+    import pytest
+
+    if bk.name not in vz.available_backends(bk.device):
+        pytest.skip(f"backend {bk.name!r} is not available on {bk.device} in this environment")
+    return bk
+
 
 OUT_TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),

@@ -5,7 +5,7 @@ import torch
 
 from tests.helpers import check_structure, make_case
 from visionzip_kernels import compress_reference, visionzip_eager
-from visionzip_kernels.reference import rank_descending, select_dominant
+from visionzip_kernels.reference import rank_descending, select_dominant, token_scores
 
 
 @pytest.mark.parametrize("form", ["full", "rows", "scores"])
@@ -130,3 +130,20 @@ def test_reference_compiles_fullgraph():
     ref = compress_reference(case.hidden, case.attn, case.k, keys=case.keys)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_token_scores_equal_for_identical_columns(dtype):
+    """Every token's score is summed in one order: bitwise equal attention columns get bitwise equal
+    scores whatever their position (a plain sum over heads rounded the last N mod (vector width)
+    columns differently), so the tie rule, not rounding, decides between them."""
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 17, 61, 64, 65, 127, 577, 729):
+        for shape, has_cls in (((2, 16, n), True), ((2, 16, n, n), True), ((2, 7, n, n), False)):
+            attn = torch.rand(shape, generator=g).to(dtype)
+            for j in range(1, n):
+                attn[..., j] = attn[..., 0] if j % 2 else attn[..., j]
+            scores = token_scores(attn, has_cls=has_cls, dtype=torch.float64 if dtype == torch.float64 else
+                                  torch.float32)
+            odd = scores[:, 1::2]
+            assert torch.equal(odd, scores[:, :1].expand_as(odd)), (n, shape)

@@ -1,4 +1,4 @@
-"""Attention scores without the N x N matrix (SPEC 4): cls_scores / received_scores.
+"""The score ops (docs/spec.md "Scores"): cls_scores / received_scores without the N x N matrix.
 
 Every backend ("cpu": the C++ kernels, "triton": under TRITON_INTERPRET=1 on CPU) is compared with
 the plain-softmax reference evaluated in float64 on the same input values.
@@ -24,7 +24,7 @@ import torch
 
 import visionzip_kernels as vz
 from visionzip_kernels import cls_scores, cls_scores_reference, received_scores, received_scores_reference
-from visionzip_kernels.scores import available_score_backends
+from visionzip_kernels import available_score_backends
 
 RTOL = 2e-5
 ATOL = 1e-12  # only for exact zeros (exp underflow in both)
@@ -292,7 +292,7 @@ BAD_CLS = [
     ((_q4[:, :, 0], _k4.half()), {}, r"q and k must have the same dtype; got q torch.float32, k torch.float16"),
     ((_q4[:, :, 0], _k4), {"scale": float("nan")}, r"scale must be finite"),
     ((_q4[:, :, 0], _k4), {"scale": "x"}, r"scale must be a float or None"),
-    ((_q4[:, :, 0], _k4), {"backend": "cuda"}, r"backend must be one of"),
+    ((_q4[:, :, 0], _k4), {"backend": "cuda"}, r"backend 'cuda' does not implement cls_scores"),
     ((_q4[:, :, 0], _k4[:, :, :0]), {}, r"N >= 1 tokens"),
     ((_q4[:, :, 0].to("meta"), _k4), {}, r"k is on cpu but q is on meta"),
 ]
@@ -338,6 +338,33 @@ def test_cpp_op_checks_without_python():
         torch.ops.visionzip.cls_scores(_q4[:, :, 0], _k4.double())
     with pytest.raises(RuntimeError, match=r"q must have shape \(B, H, d\)"):
         torch.ops.visionzip.cls_scores(_q4, _k4)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_ops_reject_a_scale_that_is_not_finite(scale):
+    """The ops apply the API's rule (docs/spec.md "Arguments"): a NaN or infinite scale is an error,
+    not a NaN result; on every backend that has a raw op."""
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.visionzip.cls_scores(_q4[:, :, 0], _k4, scale=scale)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        torch.ops.visionzip.received_scores(_q4, _k4, scale=scale)
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="scale must be finite"):
+            torch.ops.visionzip.cls_scores_triton(_q4[:, :, 0], _k4, scale)
+        with pytest.raises(ValueError, match="scale must be finite"):
+            torch.ops.visionzip.received_scores_triton(_q4, _k4, None, scale)
+
+
+@pytest.mark.gpu
+def test_cuda_ops_reject_what_the_cpu_ops_reject():
+    """On CUDA tensors the C++ score ops run the Triton kernels: the same malformed cu_seqlens and
+    scale are rejected there as on the CPU (not clamped)."""
+    q, k = _q4.cuda(), _k4.cuda()
+    for cu, match in ((_cu(0, 6, 4, 10), "non-decreasing"), (_cu(0, 4, 12), "end at N = 10")):
+        with pytest.raises((RuntimeError, ValueError), match=match):
+            torch.ops.visionzip.received_scores(q, k, cu_seqlens=cu.cuda())
+    with pytest.raises((RuntimeError, ValueError), match="scale must be finite"):
+        torch.ops.visionzip.cls_scores(q[:, :, 0], k, scale=float("nan"))
 
 
 # --------------------------------------------------------------------------------------------

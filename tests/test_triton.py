@@ -1,4 +1,7 @@
-"""Tests of the Triton backend (visionzip::compress_triton and compress_triton_with_indices).
+"""Mechanics of the Triton backend of compress (visionzip::compress_triton / _with_indices): the
+chunked selection, channel splits, the received-attention pre-pass, the custom ops, the direct
+launch, packaging. The compress contract itself (oracle, ties, dtypes, strides, gradients, compile)
+runs for this backend in tests/test_compress.py.
 
 Without a CUDA device they run on CPU tensors in Triton's interpreter (conftest sets
 TRITON_INTERPRET=1), with small shapes; tests marked ``gpu`` run the real workloads on CUDA.
@@ -10,27 +13,26 @@ import os
 import subprocess
 import sys
 import textwrap
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
 import visionzip_kernels as vz
-from visionzip_kernels import CompressResult, ops
+from visionzip_kernels import CompressResult, _extension
 from visionzip_kernels.reference import token_scores
 
-from .helpers import check_against_reference, make_case
+from .helpers import check_against_reference, make_case, poisoned_allocations
 
-pytestmark = pytest.mark.skipif(ops.TRITON is None, reason="triton is not installed")
+TRITON = _extension.optional_module("visionzip_kernels.triton")
+pytestmark = pytest.mark.skipif(TRITON is None, reason="triton is not installed")
 
-if ops.TRITON is not None:
+if TRITON is not None:
+    from visionzip_kernels.triton import _utils
     from visionzip_kernels.triton import compress as tc
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-FORMS = ("full", "rows", "scores")
 
 
 def run_triton(case, device_op: bool = True) -> CompressResult:
@@ -42,58 +44,9 @@ def run_triton(case, device_op: bool = True) -> CompressResult:
     return CompressResult(*tc.compress_triton(case.hidden, case.attn, case.k, **case.kwargs()))
 
 
-@contextmanager
-def poisoned_empty():
-    """torch.empty fills floats with NaN and integers with their max value, restored afterwards."""
-    det = torch.are_deterministic_algorithms_enabled()
-    warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(det, warn_only=warn)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
 # ---------------------------------------------------------------------------------------------
-# Against the oracle (interpreter-sized shapes; non-powers of two everywhere)
+# Kernel mechanics (interpreter-sized shapes; non-powers of two everywhere)
 # ---------------------------------------------------------------------------------------------
-
-# (B, N, C, k) per has_cls; N and C deliberately not powers of two.
-SHAPES = {True: [(2, 37, 33, 16), (1, 65, 33, 24), (3, 129, 20, 40)], False: [(2, 50, 33, 20), (1, 37, 17, 12)]}
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
-@pytest.mark.parametrize("with_keys", [True, False], ids=["keys", "hidden"])
-def test_matches_reference(dtype, form, has_cls, with_keys):
-    shapes = SHAPES[has_cls]
-    # rotate through the shapes so that every shape meets every form and dtype somewhere
-    b, n, c, k = shapes[(FORMS.index(form) + DTYPES.index(dtype) + with_keys) % len(shapes)]
-    case = make_case(b, n, c, k=k, form=form, has_cls=has_cls, dtype=dtype, key_dim=16 if with_keys else None,
-                     device=DEVICE)
-    check_against_reference(case, run_triton(case))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
-def test_lattice_pins_tie_rules(dtype, form, has_cls):
-    """Exact scores and similarities with many ties: the choices must equal the oracle's."""
-    n = 65 if has_cls else 50
-    case = make_case(2, n, 33, k=24, form=form, has_cls=has_cls, dtype=dtype, lattice=True, key_dim=16,
-                     device=DEVICE)
-    check_against_reference(case, run_triton(case), exact=True)
-
-
-@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
-def test_lattice_hidden_as_metric(has_cls):
-    case = make_case(2, 45, 16, k=20, form="rows", has_cls=has_cls, lattice=True, key_dim=None, device=DEVICE)
-    check_against_reference(case, run_triton(case), exact=True)
-
 
 @pytest.mark.parametrize("form,has_cls", [("full", True), ("scores", False), ("full", False)])
 def test_chunked_selection(monkeypatch, form, has_cls):
@@ -119,10 +72,10 @@ def test_channel_splits_bit_identical(monkeypatch, splits, c, form, has_cls, wit
     one-program result, indices included, and satisfy the oracle; poisoned outputs catch a slice
     nobody wrote."""
     case = make_case(2, 45, c, k=14, form=form, has_cls=has_cls, key_dim=8 if with_keys else None, device=DEVICE)
-    monkeypatch.setattr(tc, "CHANNEL_SPLITS", 1)
+    monkeypatch.setattr(_utils, "CHANNEL_SPLITS", 1)
     one = run_triton(case)
-    monkeypatch.setattr(tc, "CHANNEL_SPLITS", splits)
-    with poisoned_empty():
+    monkeypatch.setattr(_utils, "CHANNEL_SPLITS", splits)
+    with poisoned_allocations():
         many = run_triton(case)
     for a, b in zip(one, many):
         assert torch.equal(a, b)
@@ -132,7 +85,7 @@ def test_channel_splits_bit_identical(monkeypatch, splits, c, form, has_cls, wit
 @pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
 def test_channel_splits_contextual_zero(monkeypatch, has_cls):
     """Cx = 0 with several programs: unassigned tokens map to -1 (written by no other phase)."""
-    monkeypatch.setattr(tc, "CHANNEL_SPLITS", 3)
+    monkeypatch.setattr(_utils, "CHANNEL_SPLITS", 3)
     case = make_case(2, 40, 20, k=10, contextual=0, has_cls=has_cls, device=DEVICE)
     res = run_triton(case)
     check_against_reference(case, res)
@@ -141,118 +94,17 @@ def test_channel_splits_contextual_zero(monkeypatch, has_cls):
 
 def test_channel_split_choice(monkeypatch):
     """About two programs per SM, >= MIN_SPLIT_CHANNELS channels each, <= 2 with hidden as metric."""
-    monkeypatch.setattr(tc, "CHANNEL_SPLITS", None)
-    monkeypatch.setattr(tc, "_sm_count", lambda index: 132)
+    monkeypatch.setattr(_utils, "CHANNEL_SPLITS", None)
+    monkeypatch.setattr(_utils, "sm_count", lambda index: 132)
     cuda = torch.device("cuda", 0)
-    assert tc.channel_splits(1, 1024, False, cuda) == 4  # capped by 1024 / 256 channels
-    assert tc.channel_splits(32, 1024, False, cuda) == 4  # ceil(264 / 32) = 9 -> 4
-    assert tc.channel_splits(100, 1024, False, cuda) == 3
-    assert tc.channel_splits(256, 1024, False, cuda) == 2
-    assert tc.channel_splits(512, 1024, False, cuda) == 1
-    assert tc.channel_splits(1, 1024, True, cuda) == 2
-    assert tc.channel_splits(8, 200, False, cuda) == 1  # rows too narrow to split
-    assert tc.channel_splits(8, 1024, False, torch.device("cpu")) == 1  # the interpreter
-
-
-@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
-def test_contextual_zero(has_cls):
-    case = make_case(2, 40, 9, k=10, contextual=0, has_cls=has_cls, device=DEVICE)
-    res = run_triton(case)
-    check_against_reference(case, res)
-    assert res.contextual_indices.shape == (2, 0)
-    assert int((res.token_map == -1).sum()) == 2 * (40 - 10)
-
-
-def test_dominant_zero_without_cls():
-    case = make_case(2, 40, 9, k=10, contextual=10, has_cls=False, form="full", device=DEVICE)
-    res = run_triton(case)
-    check_against_reference(case, res)
-    assert res.dominant_indices.shape == (2, 0)
-
-
-@pytest.mark.parametrize(
-    "n,k,cx,has_cls",
-    [(40, 40, 0, False), (40, 40, 3, True), (1, 1, 0, True), (1, 1, 1, False), (7, 7, 7, False), (9, 5, 4, True)],
-)
-def test_degenerate_budgets(n, k, cx, has_cls):
-    case = make_case(2, n, 5, k=k, contextual=cx, has_cls=has_cls, form="rows", device=DEVICE)
-    check_against_reference(case, run_triton(case))
-
-
-@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
-def test_nan_zero_and_inf_scores(has_cls):
-    """2-D scores with NaN (below every number), -0.0 == +0.0, and +-inf."""
-    case = make_case(3, 50, 16, k=20, form="scores", has_cls=has_cls, lattice=True, device=DEVICE)
-    a = case.attn
-    a[0, ::3] = float("nan")
-    a[0, 5], a[0, 6], a[0, 7] = 0.0, -0.0, 0.0
-    a[1, :] = float("nan")  # all NaN: the lowest indices win
-    a[1, 30] = -0.0
-    a[2, 3], a[2, 4], a[2, 9] = float("inf"), float("-inf"), float("inf")
-    a[2, 10:30] = -0.0
-    a[2, 30:] = 0.0
-    check_against_reference(case, run_triton(case), exact=True)
-
-
-def test_nan_similarities_rank_lowest():
-    """A NaN metric row is assigned to target 0; a NaN target never attracts a finite row."""
-    case = make_case(1, 60, 16, k=20, form="rows", lattice=True, device=DEVICE)
-    res0 = run_triton(case)
-    tgt = res0.contextual_indices[0]
-    case.keys[0, int(tgt[1])] = float("nan")  # target 1's key
-    d0 = res0.dominant_indices.shape[1]
-    rest = (res0.token_map[0] >= d0).nonzero().flatten()  # contextual members and targets
-    member = [int(t) for t in rest if int(t) not in set(tgt.tolist())][0]
-    case.keys[0, member] = float("nan")
-    res = run_triton(case)
-    check_against_reference(case, res, exact=True)
-    d = res.dominant_indices.shape[1]
-    assert int(res.token_map[0, member]) == d  # NaN row -> target 0
-
-
-def test_mixed_dtypes_and_strides():
-    """attn/keys in another dtype than hidden (float64 included) and non-contiguous inputs."""
-    case = make_case(2, 37, 20, k=16, dtype=torch.bfloat16, device=DEVICE)
-    case.attn = case.attn.float()
-    case.keys = case.keys.half()
-    check_against_reference(case, run_triton(case))
-    case = make_case(2, 37, 20, k=16, device=DEVICE)
-    case.attn = case.attn.double()
-    case.keys = case.keys.double()
-    check_against_reference(case, run_triton(case))
-    for has_cls in (True, False):
-        case = make_case(2, 37, 20, k=16, has_cls=has_cls, device=DEVICE)
-        case.hidden = case.hidden.transpose(1, 2).contiguous().transpose(1, 2)
-        case.attn = case.attn.transpose(2, 3).contiguous().transpose(2, 3)
-        case.keys = case.keys[:, :, ::2]
-        check_against_reference(case, run_triton(case))
-
-
-@pytest.mark.parametrize("form", ["full", "rows"])
-def test_heads_summed_in_order(form):
-    """Scores are float32 sums over heads in order h = 0..H-1, as in the C++ kernel (bit-identical scores).
-
-    Token 5 gets 1.0 from head 0 and 2**-24 from each of the 15 other heads: summed in order it stays 1.0
-    (each addition rounds back to even), summed in any other order it exceeds token 9's 1 + 2**-23.
-    """
-    case = make_case(2, 40, 8, heads=16, k=4, contextual=2, form=form, device=DEVICE)
-    rows = torch.zeros(2, 16, 40, device=DEVICE)
-    rows[:, 0, :] = 0.01
-    rows[:, 0, 5] = 1.0
-    rows[:, 1:, 5] = 2.0**-24
-    rows[:, 0, 9] = 1.0 + 2.0**-23
-    if form == "full":
-        case.attn.zero_()
-        case.attn[:, :, 0, :] = rows
-    else:
-        case.attn = rows
-    res = run_triton(case)
-    assert res.dominant_indices.tolist() == [[0, 9]] * 2
-    cpu = torch.ops.visionzip.compress_with_indices(case.hidden.cpu(), case.attn.cpu(), 4, keys=case.keys.cpu(),
-                                                    contextual=2)
-    assert torch.equal(res.dominant_indices.cpu(), cpu[1]) and torch.equal(res.contextual_indices.cpu(), cpu[2])
-    assert torch.equal(res.output[:, :2].cpu(), cpu[0][:, :2])  # the dominant rows are exact copies
-    check_against_reference(case, res)  # the float64 oracle prefers token 5: a near tie it accepts
+    assert _utils.channel_splits(1, 1024, False, cuda) == 4  # capped by 1024 / 256 channels
+    assert _utils.channel_splits(32, 1024, False, cuda) == 4  # ceil(264 / 32) = 9 -> 4
+    assert _utils.channel_splits(100, 1024, False, cuda) == 3
+    assert _utils.channel_splits(256, 1024, False, cuda) == 2
+    assert _utils.channel_splits(512, 1024, False, cuda) == 1
+    assert _utils.channel_splits(1, 1024, True, cuda) == 2
+    assert _utils.channel_splits(8, 200, False, cuda) == 1  # rows too narrow to split
+    assert _utils.channel_splits(8, 1024, False, torch.device("cpu")) == 1  # the interpreter
 
 
 def test_received_attention_prepass():
@@ -275,37 +127,8 @@ def test_batch_zero():
 
 
 # ---------------------------------------------------------------------------------------------
-# Contract: poisoned outputs, determinism, errors, op registration, compile
+# The custom ops: their own checks, registration, compile, the direct launch
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(b=2, n=37, c=33, k=16, form="full"),
-        dict(b=2, n=50, c=33, k=20, form="full", has_cls=False),
-        dict(b=1, n=40, c=9, k=10, contextual=0),
-        dict(b=2, n=40, c=9, k=10, contextual=10, has_cls=False, form="scores", dtype=torch.bfloat16),
-    ],
-)
-def test_poisoned_outputs(kw):
-    """Every output element is written: torch.empty outputs and workspaces start as NaN / int max."""
-    case = make_case(**kw, device=DEVICE)
-    with poisoned_empty():
-        assert torch.empty(3, device=DEVICE).isnan().all()  # the poisoning is active
-        res = run_triton(case)
-        out = torch.ops.visionzip.compress_triton(case.hidden, case.attn, case.k, **case.kwargs())
-    assert not res.output.isnan().any() and not out.isnan().any()
-    assert torch.equal(out, res.output)
-    check_against_reference(case, res)
-
-
-@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
-def test_deterministic(has_cls):
-    case = make_case(2, 65, 33, k=24, form="full", has_cls=has_cls, key_dim=None, device=DEVICE)
-    a, b = run_triton(case), run_triton(case)
-    for x, y in zip(a, b):
-        assert torch.equal(x, y)
 
 
 def test_bad_inputs_raise_value_error():
@@ -329,7 +152,7 @@ def test_bad_inputs_raise_value_error():
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
-    monkeypatch.setattr(tc, "interpreting", lambda: False)
+    monkeypatch.setattr(_utils, "interpreting", lambda: False)
     case = make_case(1, 20, 8, k=10)  # CPU tensors
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         tc.compress_triton(case.hidden, case.attn, case.k, keys=case.keys)
@@ -377,31 +200,28 @@ def test_api_calls_the_launcher_directly_only_when_nothing_needs_the_op(monkeypa
     dispatch modes go through the op (which they need), with the same results."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from visionzip_kernels import api
-
-    calls = []
-    launch = ops.TRITON.launch_compress
-    monkeypatch.setattr(ops.TRITON, "launch_compress", lambda *a: calls.append("direct") or launch(*a))
+    decisions = []
+    decide = _utils.direct_call_ok
+    monkeypatch.setattr(_utils, "direct_call_ok", lambda *t: decisions.append(decide(*t)) or decisions[-1])
     case = make_case(2, 37, 20, k=16, device=DEVICE)
     ref = run_triton(case)
     run = lambda **kw: vz.compress(case.hidden, case.attn, case.k, backend="triton", **case.kwargs(), **kw)  # noqa
-    assert torch.equal(run(), ref.output) and calls == ["direct"]
+    assert torch.equal(run(), ref.output) and decisions == [True]
 
     class Counting(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             return func(*args, **(kwargs or {}))
 
     with Counting():
-        assert not api._direct_call_ok(case.hidden)
         assert torch.equal(run(), ref.output)
-    assert calls == ["direct"]
+    assert decisions == [True, False]
     hidden = case.hidden.clone().requires_grad_()
-    assert not api._direct_call_ok(hidden)
-    with torch.no_grad():
-        assert api._direct_call_ok(hidden)
     out = vz.compress(hidden, case.attn, case.k, backend="triton", **case.kwargs())
-    assert calls == ["direct"] and out.grad_fn is not None
+    assert decisions == [True, False, False] and out.grad_fn is not None
     torch.testing.assert_close(out.detach(), ref.output, rtol=0, atol=0)
+    with torch.no_grad():
+        assert torch.equal(vz.compress(hidden, case.attn, case.k, backend="triton", **case.kwargs()), ref.output)
+    assert decisions[-1] is True
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace` is deprecated")
@@ -416,15 +236,15 @@ def test_jit_trace_records_the_op():
 
 
 def test_package_imports_without_triton():
-    """With triton unavailable the package still imports, ops.TRITON is None and no triton backend is offered."""
+    """With triton unavailable the package still imports and no triton backend is offered."""
     code = textwrap.dedent(
         """
         import sys
         sys.modules["triton"] = None  # import triton -> ImportError
         import visionzip_kernels as vz
-        from visionzip_kernels import ops
-        assert ops.TRITON is None, ops.TRITON
+        assert "visionzip_kernels.triton" not in sys.modules
         assert "triton" not in vz.available_backends("cpu")
+        assert "triton" not in vz.available_score_backends("cpu")
         import torch
         assert not hasattr(torch.ops.visionzip, "compress_triton")
         print("ok")
@@ -466,17 +286,17 @@ def test_gpu_channel_splits_bit_identical(monkeypatch, b, c, with_keys, dtype):
     """The automatic channel split (several programs per image, so another BLOCK_C and tile layout)
     equals one program per image exactly: the means add members in a fixed order per lane."""
     case = make_case(b, 577, c, k=64, dtype=dtype, key_dim=64 if with_keys else None, device="cuda")
-    monkeypatch.setattr(tc, "CHANNEL_SPLITS", None)
-    assert tc.channel_splits(b, c, not with_keys, case.hidden.device) > 1
+    monkeypatch.setattr(_utils, "CHANNEL_SPLITS", None)
+    assert _utils.channel_splits(b, c, not with_keys, case.hidden.device) > 1
     auto = run_triton(case)
-    monkeypatch.setattr(tc, "CHANNEL_SPLITS", 1)
+    monkeypatch.setattr(_utils, "CHANNEL_SPLITS", 1)
     one = run_triton(case)
     for x, y in zip(auto, one):
         assert torch.equal(x, y)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b,n,has_cls,form,k,dtype", GPU_WORKLOADS)
+@pytest.mark.parametrize("b,n,has_cls,form,k,dtype", GPU_WORKLOADS)  # C = 1024: the widths that split
 @pytest.mark.parametrize("with_keys", [True, False], ids=["keys", "hidden"])
 def test_gpu_workloads(b, n, has_cls, form, k, dtype, with_keys):
     case = make_case(b, n, 1024, heads=16, form=form, k=k, key_dim=64 if with_keys else None, has_cls=has_cls,
@@ -484,24 +304,6 @@ def test_gpu_workloads(b, n, has_cls, form, k, dtype, with_keys):
     res = run_triton(case)
     check_against_reference(case, res)
     assert torch.equal(res.output, run_triton(case).output)  # deterministic
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n,has_cls", [(577, True), (729, False), (4097, True)])
-def test_gpu_lattice_exact(dtype, n, has_cls):
-    case = make_case(3, n, 1024, heads=16, form="rows", k=192, key_dim=64, has_cls=has_cls, dtype=dtype,
-                     lattice=True, device="cuda")
-    check_against_reference(case, run_triton(case), exact=True)
-
-
-@pytest.mark.gpu
-def test_gpu_poisoned_outputs():
-    case = make_case(5, 577, 1024, heads=16, k=192, key_dim=64, dtype=torch.float16, device="cuda")
-    with poisoned_empty():
-        res = run_triton(case)
-    assert not res.output.isnan().any()
-    check_against_reference(case, res)
 
 
 @pytest.mark.gpu
@@ -533,19 +335,7 @@ def test_gpu_cuda_graph(has_cls):
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile():
-    torch._dynamo.reset()
-
-    def fn(hidden, attn, keys):
-        return vz.compress(hidden, attn, 64, keys=keys, backend="triton") * 1.0
-
-    case = make_case(5, 577, 1024, heads=16, k=64, key_dim=64, dtype=torch.float16, device="cuda")
-    got = torch.compile(fn, fullgraph=True)(case.hidden, case.attn, case.keys)
-    assert torch.equal(got, fn(case.hidden, case.attn, case.keys))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(ops.HAS_CUDA_KERNELS, reason="the extension has its own CUDA kernels")
+@pytest.mark.skipif(_extension.HAS_CUDA_KERNELS, reason="the extension has its own CUDA kernels")
 def test_gpu_compress_op_dispatches_to_triton():
     case = make_case(5, 577, 1024, heads=16, k=64, key_dim=64, dtype=torch.float16, device="cuda")
     res = CompressResult(*torch.ops.visionzip.compress_with_indices(case.hidden, case.attn, 64, keys=case.keys))

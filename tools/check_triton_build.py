@@ -60,6 +60,7 @@ class CompileOnlyDriver:
 
 def launches() -> None:
     """Every kernel through its launcher, on CPU tensors (shapes as in the workloads)."""
+    from visionzip_kernels.triton import _utils
     from visionzip_kernels.triton import compress as tc
     from visionzip_kernels.triton import scores as ts
 
@@ -68,23 +69,23 @@ def launches() -> None:
     def r(*shape, dtype=torch.float16):
         return torch.randn(shape, generator=g).to(dtype)
 
-    tc._check_device = lambda hidden: None  # CPU tensors stand in for CUDA ones
+    _utils.check_device = lambda name, t: None  # CPU tensors stand in for CUDA ones
     # compress: CLS rows / scores / full matrix without CLS (received-attention pre-pass), each dtype,
     # N in one chunk (577, 729) and chunked (4097), keys given or the hidden states as metric, and the
     # channel slices a GPU picks (4 x 256 for CLIP-L with keys, 2 with the hidden states as metric)
-    splits = tc.CHANNEL_SPLITS
+    splits = _utils.CHANNEL_SPLITS
     try:
         for s in (1, 4):
-            tc.CHANNEL_SPLITS = s
+            _utils.CHANNEL_SPLITS = s
             tc.compress_triton(r(2, 577, 1024), r(2, 16, 577), 64, keys=r(2, 577, 64))
-        tc.CHANNEL_SPLITS = 4
+        _utils.CHANNEL_SPLITS = 4
         tc.compress_triton(r(1, 729, 1152, dtype=torch.bfloat16), r(1, 16, 729, 729, dtype=torch.bfloat16), 64,
                            keys=r(1, 729, 72, dtype=torch.bfloat16), has_cls=False)
-        tc.CHANNEL_SPLITS = 2
+        _utils.CHANNEL_SPLITS = 2
         tc.compress_triton(r(1, 4097, 1024, dtype=torch.float32), r(1, 4097, dtype=torch.float32), 192)
         tc.compress_triton(r(1, 4097, 1024), r(1, 16, 4097), 64)
     finally:
-        tc.CHANNEL_SPLITS = splits
+        _utils.CHANNEL_SPLITS = splits
     # scores: the CLS row; received attention with and without packed segments
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         q, k = r(2, 16, 577, 64, dtype=dtype), r(2, 16, 577, 64, dtype=dtype)

@@ -4,21 +4,37 @@
     >>> out = vz.compress(hidden, attn, k=64, keys=keys)        # (B, 64, C)
 
 The operator itself is ``torch.ops.visionzip.compress`` (and ``compress_with_indices``).
-Scores without the N x N attention matrix (SPEC 4): ``vz.cls_scores(q_cls, k)`` /
+Scores without the N x N attention matrix (docs/spec.md "Scores"): ``vz.cls_scores(q_cls, k)`` /
 ``vz.received_scores(q, k)`` give the (B, N) ``attn`` of ``compress`` from a layer's q and k.
+
+Layout: ``_extension`` loads the compiled library; ``_backends`` is the registry every op selects
+through; ``ops/`` one module per op (its checks, fake kernels and entry); ``reference/`` the oracles
+side by side; ``triton/`` the Triton backend; ``baseline`` the benchmarks' eager
+transcription of the original code; ``integrations/`` transformers and vLLM.
 """
 
-from . import ops  # noqa: F401  (loads the extension and registers fake/Triton kernels)
-from ._validation import CompressPlan, check_compress_inputs, default_contextual
-from .api import BACKENDS, available_backends, compress
-from .reference import CompressResult, compress_reference, visionzip_eager
-from .scores import (
-    available_score_backends,
-    cls_scores,
+from . import _extension  # loads _C: schemas and C++ kernels
+from ._backends import BACKENDS as _BACKEND_TABLE
+from .baseline import visionzip_eager
+from .ops.compress import (
+    CompressPlan,
+    CompressResult,
+    available_backends,
+    check_compress_inputs,
+    compress,
+    default_contextual,
+)
+from .reference import (
     cls_scores_reference,
-    received_scores,
+    compress_reference,
     received_scores_reference,
 )
+from .ops.scores import available_score_backends, cls_scores, received_scores
+
+_extension.optional_module("visionzip_kernels.triton")  # Triton custom ops and registry entries, if installed
+
+#: Every backend name the registry declares (``available_backends`` says which run where).
+BACKENDS = tuple(_BACKEND_TABLE)
 
 __all__ = [
     "BACKENDS",

@@ -43,7 +43,7 @@ namespace avx2 {
 
 CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                               const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
-                              const at::Scalar& has_cls) {
+                              const std::optional<bool>& has_cls) {
   TORCH_CHECK(hidden.device().is_cpu(), "visionzip::compress (CPU kernel): hidden must be on the CPU; got ",
               hidden.device());
   CompressPlan g = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls);
@@ -56,13 +56,13 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
 
 at::Tensor compress_cpu(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                         const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
-                        const at::Scalar& has_cls) {
+                        const std::optional<bool>& has_cls) {
   return compress_pass(hidden, attn, k, keys, contextual, has_cls).output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_with_indices_cpu(
     const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k, const std::optional<at::Tensor>& keys,
-    const std::optional<at::Scalar>& contextual, const at::Scalar& has_cls) {
+    const std::optional<at::Scalar>& contextual, const std::optional<bool>& has_cls) {
   CompressOutputs o = compress_pass(hidden, attn, k, keys, contextual, has_cls);
   return {o.output, o.dominant_indices, o.contextual_indices, o.token_map};
 }

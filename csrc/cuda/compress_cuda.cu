@@ -35,7 +35,7 @@ ck::DType kernel_dtype(at::ScalarType t) {
 
 CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                               const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
-                              const at::Scalar& has_cls) {
+                              const std::optional<bool>& has_cls) {
   TORCH_CHECK(hidden.is_cuda(), "visionzip::compress (CUDA kernel): hidden must be on a CUDA device; got ",
               hidden.device());
   TORCH_CHECK(hidden.scalar_type() != at::kDouble,
@@ -107,13 +107,13 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
 
 at::Tensor compress_cuda(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                          const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
-                         const at::Scalar& has_cls) {
+                         const std::optional<bool>& has_cls) {
   return compress_pass(hidden, attn, k, keys, contextual, has_cls).output;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_with_indices_cuda(
     const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k, const std::optional<at::Tensor>& keys,
-    const std::optional<at::Scalar>& contextual, const at::Scalar& has_cls) {
+    const std::optional<at::Scalar>& contextual, const std::optional<bool>& has_cls) {
   CompressOutputs o = compress_pass(hidden, attn, k, keys, contextual, has_cls);
   return {o.output, o.dominant_indices, o.contextual_indices, o.token_map};
 }

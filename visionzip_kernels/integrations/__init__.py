@@ -3,7 +3,8 @@
 ``visionzip_kernels.integrations.transformers`` patches loaded Hugging Face ``transformers``
 vision-language models (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) so that the
 language model receives ``budget`` visual tokens per image (per crop) instead of all of them.
-It is imported lazily: ``import visionzip_kernels`` never imports ``transformers``.
+It is imported lazily: ``import visionzip_kernels`` never imports ``transformers``. What the
+integrations share (scores from q / k, the reducers that stand for a method) is ``core``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Triton backend of ``visionzip::compress``.
+"""Triton backend: kernels, launchers and custom ops of ``compress`` (``compress.py``) and of the
+score ops (``scores.py``); helpers in ``_utils.py``.
 
-Importing this package raises ``ImportError`` when triton is not installed; ``visionzip_kernels.ops``
-catches it (``ops.TRITON`` is then None and the "triton" backend is simply not offered).
-The ops themselves (``torch.ops.visionzip.compress_triton`` and ``compress_triton_with_indices``) are
-registered in ``visionzip_kernels.ops``.
+Importing this package raises ``ImportError`` when triton is not installed; the package's
+``__init__`` then leaves it out, and the registry offers no "triton" backend. Importing it registers
+the custom ops (``torch.ops.visionzip.compress_triton``, ...) and the registry entries.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "the triton backend of visionzip_kernels needs the `triton` package (pip install 'visionzip-kernels[triton]')"
     ) from exc
 
-from .compress import check_triton_inputs, compress_triton, interpreting, launch_compress
+from . import compress, scores  # noqa: F401  (custom ops and registry entries)
+from ._utils import interpreting
+from .compress import check_triton_inputs, compress_triton, launch_compress
 
 __all__ = ["check_triton_inputs", "compress_triton", "interpreting", "launch_compress"]

@@ -1,4 +1,4 @@
-"""Triton backend of ``visionzip::compress`` (SPEC 1-3).
+"""Triton backend of ``compress`` (docs/spec.md "Compress"): kernels, launcher, custom ops.
 
 Design
 ------
@@ -9,7 +9,7 @@ image (S = 1) would leave most of a GPU idle for small batches (B = 32 frames fi
 could not reach the memory bandwidth; splitting the image by channels keeps one launch and no
 grid-wide step: every program of an image repeats the cheap phases 1-3 and 5-8 (the attention rows
 and the Ck = 64 metric, mostly L2 hits when the programs of an image run together) and the row phases
-4 and 9, where the bytes are, are divided. ``channel_splits`` picks S for about two programs per SM and
+4 and 9, where the bytes are, are divided. ``_utils.channel_splits`` picks S for about two programs per SM and
 at least 256 channels per program, at most 2 when the hidden states are the metric (every program
 then reads them all for the assignment); S = 1 in the interpreter. The programs of an image write
 identical index values, and per-channel sums keep their order, so results are bit-identical for
@@ -61,21 +61,20 @@ included) are converted to float32 on load, as the C++ kernel does.
 
 from __future__ import annotations
 
-import functools
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import triton
+from torch.types import Number
 import triton.language as tl
 
-from .._validation import CompressPlan, check_compress_inputs
+from .. import _backends, _extension
+from ..ops.compress import CompressPlan, CompressResult, check_compress_inputs, empty_outputs
+from . import _utils
+from ._utils import next_pow2
 
 #: Largest token chunk of the selection phases (a power of 2). Tests lower it to cover the chunked path.
 MAX_BLOCK_N = 4096
-#: Programs per image (channel slices) when set; None picks them from the batch and the SM count.
-CHANNEL_SPLITS: Optional[int] = None
-#: Fewest output channels one program writes when the choice is automatic (256 fp16 = 512-byte rows).
-MIN_SPLIT_CHANNELS = 256
 
 
 @triton.jit
@@ -361,33 +360,6 @@ def _compress_kernel(
             tl.store(out_b + (D + t) * C + c, res.to(out_ptr.dtype.element_ty), mask=cm)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, int(x) - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def channel_splits(batch: int, channels: int, metric_is_hidden: bool, device: torch.device) -> int:
-    """Programs per image: enough for about two programs per SM, each writing at least
-    MIN_SPLIT_CHANNELS channels; at most 2 when the hidden states are the metric (every program reads
-    all of them for the assignment). 1 in the interpreter, where each program instance costs time."""
-    if CHANNEL_SPLITS is not None:
-        return max(1, min(int(CHANNEL_SPLITS), channels))
-    if device.type != "cuda" or batch == 0:
-        return 1
-    want = -(-2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) // batch)
-    cap = max(1, channels // MIN_SPLIT_CHANNELS)
-    return max(1, min(want, cap, 2 if metric_is_hidden else cap))
-
-
-def interpreting() -> bool:
-    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import time)."""
-    return not isinstance(_compress_kernel, triton.runtime.JITFunction)
-
-
 def check_triton_inputs(
     hidden: torch.Tensor,
     attn: torch.Tensor,
@@ -396,7 +368,8 @@ def check_triton_inputs(
     contextual: Optional[int] = None,
     has_cls: bool = True,
 ) -> CompressPlan:
-    """:func:`check_compress_inputs` plus what the Triton backend cannot do (float64 hidden). ValueError."""
+    """:func:`check_compress_inputs` plus what the Triton backend cannot do (float64 hidden): the checks
+    of the custom ops, which can be called directly. ValueError."""
     plan = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls)
     if hidden.dtype == torch.float64:
         raise ValueError(
@@ -404,18 +377,6 @@ def check_triton_inputs(
             "(float64 runs on backend='cpu' or 'reference')"
         )
     return plan
-
-
-def _check_device(hidden: torch.Tensor) -> None:
-    if hidden.device.type == "cuda":
-        return
-    if hidden.device.type == "cpu" and interpreting():
-        return
-    raise ValueError(
-        f"the triton backend needs CUDA tensors; hidden is on {hidden.device}"
-        + (" (CPU tensors run only in Triton's interpreter, TRITON_INTERPRET=1 set before import)"
-           if hidden.device.type == "cpu" else "")
-    )
 
 
 def compress_triton(
@@ -449,7 +410,7 @@ def launch_compress(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`compress_triton` for inputs already checked into ``plan`` (float16/bfloat16/float32
     hidden): allocation and launch only."""
-    _check_device(hidden)
+    _utils.check_device("hidden", hidden)
     b, n, c = plan.batch, plan.tokens, plan.channels
     d, cx = plan.dominant, plan.contextual
     dev = hidden.device
@@ -459,13 +420,13 @@ def launch_compress(
     tmap = torch.empty((b, n), dtype=torch.long, device=dev)
     if b == 0:
         return out, dom, tgt, tmap
-    interp = interpreting()
+    interp = _utils.interpreting()
 
     # Attention as rows (B, H, N): the CLS row of each head, per-head rows, or scores.
     if attn.dim() == 4 and not has_cls:
         scores = torch.empty((b, n), dtype=torch.float32, device=dev)
-        block_j = max(16, min(_next_pow2(n), 64 if interp else 32))
-        block_q = max(16, min(_next_pow2(n), 64))
+        block_j = max(16, min(next_pow2(n), 64 if interp else 32))
+        block_q = max(16, min(next_pow2(n), 64))
         _received_attention_kernel[(b, triton.cdiv(n, block_j))](
             attn, *attn.stride(), scores, n, attn.shape[1],
             BLOCK_Q=block_q, BLOCK_J=block_j, num_warps=4,
@@ -480,7 +441,7 @@ def launch_compress(
     metric = keys if keys is not None else hidden
     cm = metric.shape[2]
 
-    splits = channel_splits(b, c, keys is None, dev)
+    splits = _utils.channel_splits(b, c, keys is None, dev)
     c_split = -(-c // splits)
     ws = torch.empty((b * splits, 6, n), dtype=torch.int32, device=dev)
     inv = torch.empty((b * splits, max(cx, 1)), dtype=torch.float32, device=dev)
@@ -488,7 +449,7 @@ def launch_compress(
     dom_arg = dom if d > 0 else torch.empty(1, dtype=torch.long, device=dev)
     tgt_arg = tgt if cx > 0 else torch.empty(1, dtype=torch.long, device=dev)
 
-    block_n = max(16, min(_next_pow2(n), MAX_BLOCK_N))  # blocks of at least 16 lanes (tl.dot, layouts)
+    block_n = max(16, min(next_pow2(n), MAX_BLOCK_N))  # blocks of at least 16 lanes (tl.dot, layouts)
     _compress_kernel[(b, splits)](
         hidden, *hidden.stride(),
         rows, rows.stride(0), rows.stride(1), rows.stride(2),
@@ -501,10 +462,114 @@ def launch_compress(
         BLOCK_N=block_n,
         BLOCK_R=8,
         # a program's channel slice in one tile, up to 512 channels (2 per thread at 8 warps)
-        BLOCK_C=max(16, min(_next_pow2(c_split), 512)),
+        BLOCK_C=max(16, min(next_pow2(c_split), 512)),
         BLOCK_P=32,
         BLOCK_T=16 if cx <= 16 else 32,
-        BLOCK_K=max(16, min(_next_pow2(cm), 64)),
+        BLOCK_K=max(16, min(next_pow2(cm), 64)),
         num_warps=8,
     )
     return out, dom, tgt, tmap
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops (visionzip::compress_triton, compress_triton_with_indices) with their autograd, the
+# CUDA kernel of visionzip::compress where the extension has none, and the registry entry. The
+# argument types are those of the C++ schemas (k, contextual: Scalar; has_cls: bool?), so that
+# check_triton_inputs sees a bool k or a None has_cls as passed and rejects it (docs/spec.md
+# "Arguments").
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("visionzip::compress_triton", mutates_args=(), device_types=("cuda", "cpu"))
+def _compress_triton(
+    hidden: torch.Tensor,
+    attn: torch.Tensor,
+    k: Number,
+    keys: Optional[torch.Tensor] = None,  # not keyword-only: custom_op forbids kwarg-only tensors
+    contextual: Optional[Number] = None,
+    has_cls: Optional[bool] = True,
+) -> torch.Tensor:
+    """Triton kernel of compress: (B, k, C). CPU tensors only under TRITON_INTERPRET=1."""
+    return compress_triton(hidden, attn, k, keys, contextual, has_cls)[0]
+
+
+@torch.library.custom_op("visionzip::compress_triton_with_indices", mutates_args=(), device_types=("cuda", "cpu"))
+def _compress_triton_with_indices(
+    hidden: torch.Tensor,
+    attn: torch.Tensor,
+    k: Number,
+    keys: Optional[torch.Tensor] = None,  # not keyword-only: custom_op forbids kwarg-only tensors
+    contextual: Optional[Number] = None,
+    has_cls: Optional[bool] = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton kernel of compress_with_indices: (output, dominant_indices, contextual_indices, token_map)."""
+    return compress_triton(hidden, attn, k, keys, contextual, has_cls)
+
+
+@_compress_triton.register_fake
+def _compress_triton_fake(hidden, attn, k, keys=None, contextual=None, has_cls=True):
+    return empty_outputs(hidden, check_triton_inputs(hidden, attn, k, keys, contextual, has_cls))[0]
+
+
+@_compress_triton_with_indices.register_fake
+def _compress_triton_with_indices_fake(hidden, attn, k, keys=None, contextual=None, has_cls=True):
+    return empty_outputs(hidden, check_triton_inputs(hidden, attn, k, keys, contextual, has_cls))
+
+
+# Autograd: the formula of the C++ ops (visionzip::_compress_hidden_grad, csrc/autograd.cpp).
+def _setup(ctx, inputs, output):
+    hidden, attn, k, keys, contextual, has_cls = inputs
+    ctx.save_for_backward(hidden, attn, keys)
+    ctx.args = (k, contextual, has_cls)
+
+
+def _backward(ctx, grad_out):
+    hidden, attn, keys = ctx.saved_tensors
+    # The forward kept no indices: recompute them (a second pass, only when training through the op).
+    _, dom, ctx_idx, token_map = torch.ops.visionzip.compress_triton_with_indices(
+        hidden.detach(), attn.detach(), ctx.args[0], None if keys is None else keys.detach(), *ctx.args[1:]
+    )
+    grad = torch.ops.visionzip._compress_hidden_grad(grad_out, token_map, ctx_idx, dom.shape[1])
+    return grad, None, None, None, None, None
+
+
+def _indices_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[2], output[3])
+    ctx.dominant = output[1].shape[1]
+
+
+def _indices_backward(ctx, grad_out, *_index_grads):
+    ctx_idx, token_map = ctx.saved_tensors
+    grad = torch.ops.visionzip._compress_hidden_grad(grad_out, token_map, ctx_idx, ctx.dominant)
+    return grad, None, None, None, None, None
+
+
+_compress_triton.register_autograd(_backward, setup_context=_setup)
+_compress_triton_with_indices.register_autograd(_indices_backward, setup_context=_indices_setup)
+
+if not _extension.HAS_CUDA_KERNELS:
+    # The extension was built without CUDA kernels: visionzip::compress on CUDA tensors runs these
+    # (which, like the CUDA kernels, reject float64 with a clear error).
+    @torch.library.impl("visionzip::compress", "CUDA")
+    def _compress_cuda(hidden, attn, k, *, keys=None, contextual=None, has_cls=True):
+        return compress_triton(hidden, attn, k, keys, contextual, has_cls)[0]
+
+    @torch.library.impl("visionzip::compress_with_indices", "CUDA")
+    def _compress_with_indices_cuda(hidden, attn, k, *, keys=None, contextual=None, has_cls=True):
+        return compress_triton(hidden, attn, k, keys, contextual, has_cls)
+
+
+def _triton_compress(
+    plan: CompressPlan, hidden: torch.Tensor, attn: torch.Tensor, keys: Optional[torch.Tensor], with_indices: bool
+) -> Union[torch.Tensor, CompressResult]:
+    """The "triton" backend: the launcher itself in plain eager inference, the custom op otherwise."""
+    if _utils.direct_call_ok(hidden, attn, keys):
+        result = CompressResult(*launch_compress(plan, hidden, attn, keys, plan.has_cls))
+        return result if with_indices else result.output
+    args = (hidden, attn, plan.k, keys, plan.contextual, plan.has_cls)
+    if with_indices:
+        return CompressResult(*torch.ops.visionzip.compress_triton_with_indices(*args))
+    return torch.ops.visionzip.compress_triton(*args)
+
+
+_backends.register("compress", "triton", _triton_compress)

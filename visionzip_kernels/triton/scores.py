@@ -1,7 +1,9 @@
-"""Triton kernels of the attention scores without the N x N matrix (SPEC 4).
+"""Triton backend of the score ops (docs/spec.md "Scores"): kernels, launchers, custom ops.
 
 Launch functions (plain tensors in, plain tensors out; validation is the caller's, see
-``visionzip_kernels.scores``):
+``visionzip_kernels.scores``), then the custom ops ``visionzip::cls_scores_triton`` /
+``received_scores_triton`` (also the CUDA kernels of the C++ ops, which have none of their own) and
+the registry entries:
 
 * :func:`cls_scores_triton`: one program per (image, head): online max / sum over key blocks, then
   a second sweep writing softmax(q . k^T * scale) into a (B, H, N) float32 buffer;
@@ -19,14 +21,20 @@ a block loops over the union of its rows' segments and masks what lies outside e
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .compress import interpreting
+from .. import _backends, _extension
+from ..ops.scores import (
+    check_cls_scores_inputs,
+    check_cu_seqlens_values,
+    check_received_scores_inputs,
+    resolve_scale,
+)
+from ._utils import direct_call_ok, interpreting
 
 _BLOCK = 64  # queries / keys per tile
 
@@ -179,10 +187,6 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _resolve_scale(scale: Optional[float], d: int) -> float:
-    return 1.0 / math.sqrt(d) if scale is None else float(scale)
-
-
 def _check_dtype(q: torch.Tensor) -> None:
     if q.dtype not in _TL_DTYPES:
         raise ValueError(f"the Triton score kernels take float16, bfloat16 or float32 q/k; got {q.dtype}")
@@ -202,7 +206,7 @@ def cls_scores_triton(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] =
         _cls_scores_kernel[(b * h,)](
             q, k, probs, n, h, d,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
-            _resolve_scale(scale, d),
+            resolve_scale(scale, d),
             BLOCK_N=_BLOCK, BLOCK_D=_block_d(d),
         )
     return probs.sum(dim=1)
@@ -241,8 +245,84 @@ def received_scores_triton(
     block = 32 if f32 and not interp else _BLOCK
     common = dict(HAS_SEG=has_seg, CAST_F32=interp or f32, BLOCK_M=block, BLOCK_N=block, BLOCK_D=_block_d(d))
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
-    sc = _resolve_scale(scale, d)
+    sc = resolve_scale(scale, d)
     grid = (b * h, triton.cdiv(n, block))
     _row_lse_kernel[grid](q, k, lse, lo, hi, n, h, d, *strides, sc, **common)
     _column_sums_kernel[grid](q, k, lse, col, lo, hi, n, h, d, *strides, sc, **common)
     return col.sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops, CUDA kernels of the C++ ops, registry entries. Tensor arguments of custom_op cannot be
+# keyword-only, so the Triton ops take (q, k[, cu_seqlens], scale) positionally.
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("visionzip::cls_scores_triton", mutates_args=())
+def _cls_scores_op(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Triton cls_scores: q (B, H, d), k (B, H, N, d) -> (B, N) float32."""
+    check_cls_scores_inputs(q, k, scale)
+    return cls_scores_triton(q, k, scale)
+
+
+@_cls_scores_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    b, n = check_cls_scores_inputs(q, k, scale)
+    return q.new_empty((b, n), dtype=torch.float32)
+
+
+@torch.library.custom_op("visionzip::received_scores_triton", mutates_args=())
+def _received_scores_op(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, scale: Optional[float] = None
+) -> torch.Tensor:
+    """Triton received_scores: q, k (B, H, N, d), cu_seqlens (S + 1,) or None -> (B, N) float32.
+    cu_seqlens values are not read here (no host sync); the Python API checks them in eager mode."""
+    check_received_scores_inputs(q, k, scale, cu_seqlens, check_values=False)
+    return received_scores_triton(q, k, cu_seqlens, scale)
+
+
+@_received_scores_op.register_fake
+def _(
+    q: torch.Tensor, k: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, scale: Optional[float] = None
+) -> torch.Tensor:
+    b, n = check_received_scores_inputs(q, k, scale, cu_seqlens, check_values=False)
+    return q.new_empty((b, n), dtype=torch.float32)
+
+
+# CUDA kernels of the C++ ops, where the extension brings none. They apply the CPU kernels' checks,
+# so the same op rejects the same input on every device: the cu_seqlens values are read on the host
+# too (a sync), except under graph capture or tracing, where they cannot be.
+if not _extension.has_kernel("visionzip::cls_scores", "CUDA"):
+
+    @torch.library.impl("visionzip::cls_scores", "CUDA")
+    def _cls_scores_cuda(q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None) -> torch.Tensor:
+        check_cls_scores_inputs(q, k, scale)
+        return cls_scores_triton(q, k, scale)
+
+
+if not _extension.has_kernel("visionzip::received_scores", "CUDA"):
+
+    @torch.library.impl("visionzip::received_scores", "CUDA")
+    def _received_scores_cuda(
+        q: torch.Tensor, k: torch.Tensor, *, scale: Optional[float] = None, cu_seqlens: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        check_received_scores_inputs(q, k, scale, cu_seqlens, check_values=False)
+        if cu_seqlens is not None and not torch.cuda.is_current_stream_capturing():
+            check_cu_seqlens_values(cu_seqlens, k.shape[2])
+        return received_scores_triton(q, k, cu_seqlens, scale)
+
+
+def _triton_cls_scores(q: torch.Tensor, k: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    return cls_scores_triton(q, k, scale) if direct_call_ok(q, k) else torch.ops.visionzip.cls_scores_triton(q, k, scale)
+
+
+def _triton_received_scores(
+    q: torch.Tensor, k: torch.Tensor, scale: Optional[float], cu_seqlens: Optional[torch.Tensor]
+) -> torch.Tensor:
+    if direct_call_ok(q, k, cu_seqlens):
+        return received_scores_triton(q, k, cu_seqlens, scale)
+    return torch.ops.visionzip.received_scores_triton(q, k, cu_seqlens, scale)
+
+
+_backends.register("cls_scores", "triton", _triton_cls_scores)
+_backends.register("received_scores", "triton", _triton_received_scores)

@@ -1,48 +1,23 @@
-"""PyTorch implementations of VisionZip (SPEC sections 1-3).
+"""The oracle of ``compress`` (docs/spec.md "Compress"): :func:`compress_reference`.
 
-Two functions, two purposes:
+Static shapes, gathers instead of masks, float32 arithmetic (float64 for float64 inputs), ties
+toward the lower token index, NaN ranked below every number; it also returns the indices of the
+pass. Every backend's tests and every benchmark compare against it. It is also the "reference"
+backend of the registry (any device, every float dtype).
 
-* :func:`visionzip_eager` transcribes the original VisionZip code (boolean masks, ``masked_select``,
-  ``isin``, one-hot matrix products, all in the input dtype). It is the "eager" baseline of every
-  benchmark. Its ``topk`` breaks ties arbitrarily and it computes in the input dtype, so it agrees
-  with the contract only on inputs without ties.
-* :func:`compress_reference` is the correctness oracle of every backend: static shapes, gathers
-  instead of masks, float32 arithmetic (float64 for float64 inputs), ties toward the lower token
-  index, NaN ranked below every number. It also returns the indices of the pass.
-
-The helpers below it (:func:`token_scores`, :func:`select_dominant`, ...) are the stages of the
-oracle, exposed so that tests can check a backend's choices stage by stage.
+The helpers (:func:`token_scores`, :func:`select_dominant`, ...) are the stages of the oracle,
+exposed so that tests can check a backend's choices stage by stage.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional, Union
 
 import torch
 
-from ._validation import CompressPlan, check_compress_inputs, contextual_step, default_contextual
-
-
-class CompressResult(NamedTuple):
-    """Output of a compress pass together with the choices it made.
-
-    output: (B, k, C), hidden's dtype: dominant rows (ascending token index) then contextual rows.
-    dominant_indices: (B, D) int64, ascending token indices of the dominant tokens (CLS first if kept).
-    contextual_indices: (B, Cx) int64, token index of each contextual target, in target order.
-    token_map: (B, N) int64, the output row each token ends up in: its row in the dominant block,
-        D + t for a token merged into (or being) contextual target t, -1 for a token dropped
-        (only when Cx = 0).
-    """
-
-    output: torch.Tensor
-    dominant_indices: torch.Tensor
-    contextual_indices: torch.Tensor
-    token_map: torch.Tensor
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Internal accumulation dtype: float64 for float64 inputs, float32 otherwise (SPEC 2)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .. import _backends
+from .._validation import compute_dtype
+from ..ops.compress import CompressPlan, CompressResult, check_compress_inputs, contextual_step
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,19 +26,35 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def token_scores(attn: torch.Tensor, *, has_cls: bool, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Per-token importance, (B, N) in ``dtype``.
+    """Per-token importance, (B, N) in ``dtype`` (docs/spec.md "Scores of the tokens").
 
     attn (B, H, N, N): CLS row summed over heads if ``has_cls`` else attention received (sum over
     heads and queries); (B, H, N): summed over heads; (B, N): taken as is. With ``has_cls`` the
     entry of the CLS token itself is meaningless: :func:`select_dominant` forces it in.
+
+    Every token's score is summed in the same order, so bitwise equal attention columns (uniform
+    background, padding) get equal scores and the tie rule decides between them. A plain
+    ``attn.sum(dim=1)`` does not guarantee that (it vectorises across tokens and adds the last
+    N mod (vector width) columns in another order; a reduction along a contiguous axis depends on
+    each row's alignment). So rows are added with elementwise adds only, which round every token
+    alike: over heads one head at a time (h = 0..H-1, the C++ kernel's order), over the H x N rows of
+    the received form by a pairwise tree of row halves.
     """
-    if attn.dim() == 4:
-        if has_cls:
-            return attn[:, :, 0, :].to(dtype).sum(dim=1)
-        return attn.sum(dim=(1, 2), dtype=dtype)
-    if attn.dim() == 3:
-        return attn.to(dtype).sum(dim=1)
-    return attn.to(dtype)
+    if attn.dim() == 2:
+        return attn.to(dtype)
+    if attn.dim() == 4 and not has_cls:
+        b, h, q, n = attn.shape
+        rows = attn.reshape(b, h * q, n).to(dtype)
+        while rows.shape[1] > 1:
+            half = rows.shape[1] // 2
+            summed = rows[:, :half] + rows[:, half : 2 * half]
+            rows = torch.cat([summed, rows[:, 2 * half :]], dim=1) if rows.shape[1] % 2 else summed
+        return rows[:, 0]
+    rows = attn[:, :, 0, :] if attn.dim() == 4 else attn
+    score = rows[:, 0].to(dtype)
+    for head in range(1, rows.shape[1]):
+        score = score + rows[:, head].to(dtype)
+    return score
 
 
 def rank_descending(values: torch.Tensor) -> torch.Tensor:
@@ -199,7 +190,7 @@ def compress_reference(
     contextual: Optional[int] = None,
     has_cls: bool = True,
 ) -> CompressResult:
-    """VisionZip compression, the correctness oracle (SPEC 1-3).
+    """VisionZip compression, the correctness oracle (docs/spec.md "Compress").
 
     Args:
         hidden: (B, N, C) hidden states of the selection layer.
@@ -216,68 +207,11 @@ def compress_reference(
     return compress_reference_from_plan(plan, hidden, attn, keys)
 
 
-# --------------------------------------------------------------------------------------------
-# Eager transcription of the original code (benchmark baseline)
-# --------------------------------------------------------------------------------------------
+def _reference_compress(
+    plan: CompressPlan, hidden: torch.Tensor, attn: torch.Tensor, keys: Optional[torch.Tensor], with_indices: bool
+) -> Union[torch.Tensor, CompressResult]:
+    result = compress_reference_from_plan(plan, hidden, attn, keys)
+    return result if with_indices else result.output
 
 
-def visionzip_eager(
-    hidden: torch.Tensor,
-    attn: torch.Tensor,
-    k: int,
-    *,
-    keys: Optional[torch.Tensor] = None,
-    contextual: Optional[int] = None,
-    has_cls: bool = True,
-) -> torch.Tensor:
-    """VisionZip written the way the original implementation writes it, in the input dtype.
-
-    Same arguments as :func:`compress_reference`; returns only the (B, k, C) output.
-    """
-    contextual_num = default_contextual(k) if contextual is None else contextual
-    dominant_num = k - contextual_num
-    metric = keys if keys is not None else hidden
-    batch, n, channels = hidden.shape
-
-    if attn.dim() == 4:
-        score = attn[:, :, 0, 1:].sum(dim=1) if has_cls else attn.sum(dim=(1, 2))
-    elif attn.dim() == 3:
-        score = attn.sum(dim=1)[:, 1:] if has_cls else attn.sum(dim=1)
-    else:
-        score = attn[:, 1:] if has_cls else attn
-
-    if has_cls:
-        topk_indices = score.topk(dominant_num - 1, dim=1).indices + 1
-        zeros = torch.zeros((batch, 1), dtype=topk_indices.dtype, device=topk_indices.device)
-        all_indices = torch.cat([zeros, topk_indices], dim=1)
-    else:
-        all_indices = score.topk(dominant_num, dim=1).indices
-
-    mask = torch.ones_like(hidden[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
-    dominant_tokens = hidden.masked_select(~mask.unsqueeze(-1)).view(batch, dominant_num, channels)
-    if contextual_num == 0:
-        return dominant_tokens
-
-    metric_filtered = metric[mask].view(batch, n - dominant_num, metric.shape[2])
-    hidden_filtered = hidden.masked_select(mask.unsqueeze(-1)).view(batch, n - dominant_num, channels)
-    metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
-
-    step = max(1, metric_normalized.shape[1] // contextual_num)
-    target_indices = torch.arange(0, metric_normalized.shape[1], step, device=metric_normalized.device)
-    target_indices = target_indices[:contextual_num]
-    target_tokens = metric_normalized[:, target_indices, :]
-
-    others = ~torch.isin(torch.arange(metric_normalized.shape[1], device=metric_normalized.device), target_indices)
-    tokens_to_merge = metric_normalized[:, others, :]
-    similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
-    assign_one_hot = torch.zeros(
-        tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num,
-        dtype=hidden_filtered.dtype, device=metric_normalized.device,
-    )
-    assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
-    counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
-    hidden_to_merge = hidden_filtered[:, others, :]
-    aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
-    target_hidden = hidden_filtered[:, target_indices, :]
-    contextual_tokens = target_hidden + aggregated_hidden
-    return torch.cat([dominant_tokens, contextual_tokens], dim=1).to(hidden.dtype)
+_backends.register("compress", "reference", _reference_compress)

@@ -1,0 +1,186 @@
+"""The method- and engine-neutral core of the integrations (transformers, vLLM).
+
+An integration captures the selection layer of a vision tower (its hidden states and its per-head
+queries and keys), turns the queries and keys into token scores without an N x N matrix
+(docs/spec.md "Scores"), and hands a :class:`Selection` to a *reducer*: the token-reduction method,
+which returns a :class:`Reduction` (the rows the language model receives, and the token each row
+stands for, which M-RoPE positions and layouts need). :class:`VisionZip` is the reducer of
+docs/spec.md "Compress"; another method is another :class:`Reducer`.
+
+Nothing here imports transformers or vLLM.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import _backends
+from .._validation import compute_dtype
+from ..ops.compress import CompressResult, compress, default_contextual
+from ..ops.scores import cls_scores, received_scores
+
+__all__ = [
+    "Reducer",
+    "Reduction",
+    "Selection",
+    "VisionZip",
+    "mean_keys",
+    "merge_unit_mean",
+    "selection_scores",
+    "split_heads",
+]
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """(B, N, H * d) projections -> (B, H, N, d) per-head queries or keys."""
+    b, n, c = x.shape
+    return x.view(b, n, num_heads, c // num_heads).transpose(1, 2)
+
+
+def selection_scores(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    *,
+    has_cls: bool,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Token scores of a layer from its per-head q, k (B, H, N, d): the CLS row of the attention
+    summed over heads (CLS towers), or the attention each token receives (no CLS); (B, N) float32
+    (float64 for float64 inputs). Never materialises the N x N matrix."""
+    if has_cls:
+        return cls_scores(q[:, :, 0], k, scale=scale)
+    return received_scores(q, k, scale=scale, cu_seqlens=cu_seqlens)
+
+
+def mean_keys(k: torch.Tensor) -> torch.Tensor:
+    """(B, H, N, d) per-head keys -> (B, N, d) averaged over heads, the contextual-merge metric."""
+    return k.to(compute_dtype(k.dtype)).mean(dim=1)
+
+
+def merge_unit_mean(x: torch.Tensor, unit: int) -> torch.Tensor:
+    """Mean over consecutive groups of ``unit`` rows along dim 0 (Qwen2-VL's 2x2 merge units):
+    (S, ...) -> (S / unit, ...)."""
+    return x.view(x.shape[0] // unit, unit, *x.shape[1:]).mean(dim=1)
+
+
+@dataclass
+class Selection:
+    """What a tower's selection layer gives a reducer, for B images (or crops, or frames).
+
+    hidden: (B, N, C) the rows to reduce (the layer's output, or a merger's output for Qwen).
+    scores: (B, N) token scores (:func:`selection_scores`).
+    keys: (B, N, d) the merge metric (:func:`mean_keys`).
+    has_cls: token 0 is a CLS token.
+    """
+
+    hidden: torch.Tensor
+    scores: torch.Tensor
+    keys: torch.Tensor
+    has_cls: bool
+
+
+@dataclass
+class Reduction:
+    """A reducer's result for B images of N tokens.
+
+    features: (B, T, C) the rows the language model receives (before a projector, if any).
+    kept_indices: (B, T) int64, the token each row stands for (for VisionZip: dominant tokens in
+        ascending index, then the contextual targets): the order M-RoPE positions are gathered in.
+    details: the method's own record (VisionZip: its CompressResult), or None.
+    """
+
+    features: torch.Tensor
+    kept_indices: torch.Tensor
+    details: Optional[CompressResult] = None
+
+
+class Reducer(ABC):
+    """A token-reduction method for the integrations: ``tokens`` says how many rows an image of
+    ``n`` tokens becomes (what processors emit placeholders for), ``reduce`` computes them."""
+
+    #: Name used in messages ("VisionZip").
+    name: str = "reducer"
+
+    @abstractmethod
+    def tokens(self, n: int) -> int:
+        """Rows an image (crop, frame group) of ``n`` tokens becomes."""
+
+    @abstractmethod
+    def reduce(self, selection: Selection) -> Reduction:
+        """The reduced rows of ``selection``; T = ``tokens(N)``."""
+
+    def processor_hint(self) -> str:
+        """How to make a processor emit ``tokens`` placeholders (appended to mismatch errors)."""
+        return ""
+
+
+class VisionZip(Reducer):
+    """VisionZip (docs/spec.md "Compress"): ``budget`` tokens per image, ``contextual`` of them
+    merged (default ``budget * 5 // 32``), the rest dominant; an image of at most ``budget`` tokens
+    is kept whole, in order.
+
+    Args:
+        budget: k, tokens kept per image (crop, frame group).
+        dominant / contextual: the split of k (D + Cx = k); at most one of them is needed.
+        backend: compress backend (see ``visionzip_kernels.available_backends``), None = fastest.
+    """
+
+    name = "VisionZip"
+
+    def __init__(
+        self, budget: int = 64, *, dominant: Optional[int] = None, contextual: Optional[int] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"budget must be a positive int; got {budget!r}")
+        if dominant is not None and contextual is not None and dominant + contextual != budget:
+            raise ValueError(
+                f"dominant + contextual must equal budget; got dominant={dominant}, contextual={contextual}, "
+                f"budget={budget}"
+            )
+        if contextual is None:
+            contextual = budget - dominant if dominant is not None else default_contextual(budget)
+        if not 0 <= contextual < budget:
+            raise ValueError(
+                f"need 0 <= contextual < budget (at least one dominant token); got contextual={contextual}, "
+                f"budget={budget}"
+            )
+        _backends.check_name(backend)
+        self.budget, self.contextual, self.backend = budget, contextual, backend
+
+    @property
+    def dominant(self) -> int:
+        return self.budget - self.contextual
+
+    def tokens(self, n: int) -> int:
+        return min(self.budget, n)
+
+    def reduce(self, selection: Selection) -> Reduction:
+        hidden = selection.hidden
+        b, n, _ = hidden.shape
+        if n <= self.budget:  # nothing to drop: every token, in order
+            idx = torch.arange(n, device=hidden.device).expand(b, n)
+            result = CompressResult(hidden, idx, idx[:, :0], idx)
+            return Reduction(hidden, idx, result)
+        result = compress(
+            hidden, selection.scores, self.budget, keys=selection.keys, contextual=self.contextual,
+            has_cls=selection.has_cls, backend=self.backend, return_indices=True,
+        )
+        kept = torch.cat([result.dominant_indices, result.contextual_indices], dim=1)
+        return Reduction(result.output, kept, result)
+
+    def processor_hint(self) -> str:
+        return (
+            "The processor that built these inputs was not patched for VisionZip: use "
+            f"apply_visionzip_processor(processor, budget={self.budget}) or "
+            f"apply_visionzip(model, budget={self.budget}, processor=processor)."
+        )
+
+    def __repr__(self) -> str:
+        return (f"VisionZip(budget={self.budget}, dominant={self.dominant}, contextual={self.contextual}, "
+                f"backend={self.backend!r})")

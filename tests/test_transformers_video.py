@@ -42,6 +42,16 @@ def build(version: str):
     return with_video_processor(build_qwen3() if version == "3" else build_qwen(version))
 
 
+def needs_mm_encoder_outputs(version: str) -> None:
+    """Qwen3-VL needs transformers >= 5.18; before, applying VisionZip is a clear error (and skip)."""
+    from visionzip_kernels.integrations.transformers._compat import HAS_MM_ENCODER_OUTPUTS
+
+    if version == "3" and not HAS_MM_ENCODER_OUTPUTS:
+        with pytest.raises(NotImplementedError, match="Qwen3-VL needs transformers >= 5.18"):
+            apply_visionzip(build_qwen3()[0], budget=4)
+        pytest.skip(f"Qwen3-VL is supported from transformers 5.18 (installed: {transformers.__version__})")
+
+
 @pytest.fixture(scope="module", params=["2", "2.5", "3"])
 def qwen_video(request):
     return request.param, build(request.param)
@@ -84,6 +94,7 @@ def _check_positions(inputs, plain, pos, base_pos, kept, token):
 
 def test_qwen_video_features_positions_and_generate(qwen_video):
     version, (model, proc) = qwen_video
+    needs_mm_encoder_outputs(version)
     side = 32 if version == "3" else 28
     vids = [video(1, 5, 2 * side, 3 * side), video(2, 4, 3 * side, 2 * side)]  # t = 3 and 2 groups of 6 units
     texts = [QWEN_VIDEO_PROMPT, "USER: describe it <|vision_start|> <|video_pad|> <|vision_end|> ?"]
@@ -127,6 +138,7 @@ def test_qwen_video_features_positions_and_generate(qwen_video):
 def test_qwen_images_and_videos_in_one_prompt(version):
     """An image and a video in one prompt: each reduced on its own, counted by the processor,
     positioned at its own kept tokens."""
+    needs_mm_encoder_outputs(version)
     model, proc = build(version)
     side = 32 if version == "3" else 28
     img, vid = image(3, 3 * side, 4 * side), video(4, 4, 2 * side, 2 * side)
@@ -155,6 +167,7 @@ def test_qwen_images_and_videos_in_one_prompt(version):
 
 
 def test_qwen3_images_features_deepstack_positions_and_removal():
+    needs_mm_encoder_outputs("3")
     model, proc = build("3")
     imgs = [image(5, 100, 130), image(6, 150, 120)]
     texts = [QWEN_PROMPT, "USER: describe it <|vision_start|> <|image_pad|> <|vision_end|> ?"]

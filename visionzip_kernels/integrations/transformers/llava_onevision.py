@@ -18,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from ..core import Reducer
+from ._compat import ONEVISION_VIDEO_FEATURES_END_WITH_NEWLINE
 from ._core import Family, Handle, output_class, patch_placeholder_check, register_family, run_clip_like_tower
 from ._core import selection_layer
 from .llava_next import LAYOUTS, crop_tokens, encode_crops, image_crops, image_rows
@@ -70,10 +71,12 @@ def patch(handle: Handle, base: torch.nn.Module) -> None:
         out, selection = run_clip_like_tower(tower, pixel_values_videos.flatten(0, 1), layer, has_cls=False, **kwargs)
         reduced = handle.reducer.reduce(selection)  # one row per frame
         frames = projector(reduced.features)
-        newline = base.image_newline[None, None].to(frames).expand(b, 1, -1)
+        rows = frames.reshape(b, f * frames.shape[1], -1)
+        if ONEVISION_VIDEO_FEATURES_END_WITH_NEWLINE:  # else the model's forward appends it
+            rows = torch.cat([rows, base.image_newline[None, None].to(frames).expand(b, 1, -1)], dim=1)
         return output_class()(
             last_hidden_state=out.last_hidden_state,
-            pooler_output=torch.cat([frames.reshape(b, f * frames.shape[1], -1), newline], dim=1),
+            pooler_output=rows,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             kept_indices=list(reduced.kept_indices.view(b, f, -1).unbind(0)),

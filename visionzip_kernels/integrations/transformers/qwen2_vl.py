@@ -11,7 +11,6 @@ Qwen3-VL (``qwen3_vl.py``).
 
 from __future__ import annotations
 
-import inspect
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -19,6 +18,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..core import Reducer, Selection, mean_keys, merge_unit_mean, selection_scores
+from ._compat import HAS_MM_ENCODER_OUTPUTS
 from ._core import Capture, Family, Handle, output_class, patch_placeholder_check, register_family
 
 
@@ -223,7 +223,7 @@ def patch(handle: Handle, base: torch.nn.Module, *, deepstack: bool = False) -> 
     hint = reducer.processor_hint()
     original_rope_index = base.get_rope_index
     original_forward = base.forward
-    if deepstack and "mm_encoder_outputs" not in inspect.signature(original_forward).parameters:
+    if deepstack and not HAS_MM_ENCODER_OUTPUTS:
         raise NotImplementedError(
             "VisionZip: Qwen3-VL needs transformers >= 5.18 (its forward takes mm_encoder_outputs, through which "
             "the reduced deepstack features reach the language model)"

@@ -21,12 +21,12 @@ from tests.tf_models import (  # noqa: E402
     QWEN_PROMPT,
     QWEN_VIDEO_PROMPT,
     VIDEO,
-    DeepstackInputs,
     LMInputs,
     build_onevision,
     build_qwen,
     build_qwen3,
     capture_clip_layer,
+    deepstack_inputs,
     gen,
     image,
     image_rows,
@@ -59,7 +59,7 @@ def qwen_video(request):
 
 def _run(model, inputs):
     rec = LMInputs(model)
-    deep = DeepstackInputs(model) if model.config.model_type == "qwen3_vl" else None
+    deep = deepstack_inputs(model) if model.config.model_type == "qwen3_vl" else None
     try:
         with torch.no_grad():
             model(**inputs)

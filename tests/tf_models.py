@@ -148,14 +148,15 @@ QWEN_PROMPT = "USER: <|vision_start|> <|image_pad|> <|vision_end|> what is this 
 
 
 class LMInputs:
-    """Records what the language model receives (inputs_embeds, position_ids) on each call."""
+    """Records what the language model receives on each call: ``keys`` of its keyword arguments
+    (inputs_embeds and position_ids by default)."""
 
-    def __init__(self, model):
-        self.calls = []
+    def __init__(self, model, keys: tuple[str, ...] = ("inputs_embeds", "position_ids")):
+        self.calls, self.keys = [], keys
         self._h = model.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
 
     def _hook(self, _mod, args, kwargs):
-        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "position_ids")})
+        self.calls.append({k: kwargs.get(k) for k in self.keys})
 
     def close(self):
         self._h.remove()
@@ -352,16 +353,6 @@ def build_qwen3(seed: int = 0):
     return transformers.Qwen3VLForConditionalGeneration(cfg).eval(), proc
 
 
-class DeepstackInputs:
-    """Records the deepstack features the Qwen3-VL language model receives (visual_pos_masks,
-    deepstack_visual_embeds) on each call."""
-
-    def __init__(self, model):
-        self.calls = []
-        self._h = model.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, _mod, args, kwargs):
-        self.calls.append({k: kwargs.get(k) for k in ("visual_pos_masks", "deepstack_visual_embeds")})
-
-    def close(self):
-        self._h.remove()
+def deepstack_inputs(model) -> "LMInputs":
+    """Records the deepstack features the Qwen3-VL language model receives on each call."""
+    return LMInputs(model, keys=("visual_pos_masks", "deepstack_visual_embeds"))

@@ -418,8 +418,20 @@ def test_llava_next_official_layout_token_for_token(size, grid):
         torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-6)
         assert not torch.equal(feats, projected.flatten(0, 1))  # the layout differs from per-crop order
         assert gen(model, inputs).shape[1] == inputs.input_ids.shape[1] + 3
+        # a batch of two images of different grids: each laid out on its own grid
+        imgs = [img, _image_of_grid((1, 2) if grid != (1, 2) else (2, 2))]
+        both = proc(images=imgs, text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
+        rows = image_rows(model, both)
+        alone = [image_rows(model, proc(images=[im], text=[PROMPT], return_tensors="pt")) for im in imgs]
+        torch.testing.assert_close(rows, torch.cat(alone), rtol=1e-5, atol=1e-6)
+        assert gen(model, both).shape[0] == 2
     finally:
         handle.remove()
+
+
+def _image_of_grid(grid):
+    """An image the tiny LLaVA-NeXT processor splits into a (rows, cols) grid of 42-pixel crops."""
+    return image(12, 42 * grid[0], 42 * grid[1])
 
 
 def test_qwen_beam_search_positions(qwen):

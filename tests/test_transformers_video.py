@@ -99,6 +99,8 @@ def test_qwen_video_features_positions_and_generate(qwen_video):
     vids = [video(1, 5, 2 * side, 3 * side), video(2, 4, 3 * side, 2 * side)]  # t = 3 and 2 groups of 6 units
     texts = [QWEN_VIDEO_PROMPT, "USER: describe it <|vision_start|> <|video_pad|> <|vision_end|> ?"]
     plain = proc(videos=vids, text=texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = model(**plain).logits
     base_call, _ = _run(model, plain)
     budget = 4
     handle = apply_visionzip(model, budget=budget, processor=proc)
@@ -129,9 +131,19 @@ def test_qwen_video_features_positions_and_generate(qwen_video):
             rec.close()
         assert out.shape[1] == inputs.input_ids.shape[1] + 3
         assert torch.equal(rec.calls[0]["position_ids"][-3:], call["position_ids"][-3:])
+        beams = model.generate(**inputs, max_new_tokens=2, num_beams=2, num_return_sequences=2, do_sample=False,
+                               pad_token_id=0)
+        assert beams.shape == (4, inputs.input_ids.shape[1] + 2)
+        # text-agnostic: another question about the first video gets the same reduced rows
+        turn2 = proc(videos=vids[:1], text=["USER: w1 w2 <|vision_start|> <|video_pad|> <|vision_end|> and now ?"],
+                     return_tensors="pt")
+        call2, _ = _run(model, turn2)
+        assert torch.equal(call2["inputs_embeds"][0][turn2.input_ids[0] == VIDEO], feats.pooler_output[0])
     finally:
         handle.remove()
     assert "get_video_features" not in model.model.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(**plain).logits, before)
 
 
 @pytest.mark.parametrize("version", ["2.5", "3"])

@@ -262,11 +262,7 @@ VZ_DEVICE bool is_target_position(int pos, int step, int cx) { return pos % step
 
 template <typename scalar_t, typename attn_t, typename metric_t>
 VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
-#if defined(__CUDACC__)
-  extern __shared__ __align__(16) unsigned char smem[];
-#else
-  unsigned char* smem = vz_emulation_dynamic_smem();
-#endif
+  VZ_DYNAMIC_SMEM(smem);
   const int b = int(blockIdx.x), tid = int(threadIdx.x), nthreads = int(blockDim.x);
   const int lane = lane_id(), warp = warp_id(), nwarps = nthreads >> 5;
   const int n = p.tokens, c = p.channels, cm = p.metric_dim, d = p.dominant_count, cx = p.contextual;

@@ -81,11 +81,7 @@ VZ_DEVICE void group_means(const scalar_t* val, scalar_t* out, const int* member
 
 template <typename scalar_t, typename logit_t>
 VZ_KERNEL(kThreads, kMinBlocks) group_pool_kernel(const GroupPoolParams p) {
-#if defined(__CUDACC__)
-  extern __shared__ __align__(16) unsigned char smem[];
-#else
-  unsigned char* smem = vz_emulation_dynamic_smem();
-#endif
+  VZ_DYNAMIC_SMEM(smem);
   const int b = int(blockIdx.x), tid = int(threadIdx.x), nthreads = int(blockDim.x);
   const int m = p.groups, n = p.patches, c = p.channels;
   int* label = reinterpret_cast<int*>(smem);

@@ -18,10 +18,12 @@
 #define VZ_HD __host__ __device__ __forceinline__
 #define VZ_DEVICE __device__ __forceinline__
 #define VZ_KERNEL(threads, min_blocks) __global__ void __launch_bounds__(threads, min_blocks)
+#define VZ_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 #else  // host emulation: the including file defines threadIdx, __syncthreads, __shfl_xor_sync, ...
 #define VZ_HD inline
 #define VZ_DEVICE inline
 #define VZ_KERNEL(threads, min_blocks) void
+#define VZ_DYNAMIC_SMEM(name) unsigned char* name = vz_emulation_dynamic_smem()
 #endif
 
 namespace visionzip {

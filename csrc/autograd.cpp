@@ -1,9 +1,13 @@
-// Autograd for visionzip::compress and compress_with_indices (device-generic, ATen ops only).
+// Autograd of the ops (device-generic, ATen ops only).
 //
-// The choices (scores, top-k, assignment) are discrete, so only `hidden` gets a gradient: a kept
-// row passes its gradient back unchanged, each merged member receives 1/count of its contextual
-// row's gradient (the target itself receives it whole). Without this kernel, backprop through the
-// op would silently produce no gradient for `hidden`.
+// compress / compress_with_indices: the choices (scores, top-k, assignment) are discrete, so only
+// `hidden` gets a gradient: a kept row passes its gradient back unchanged, each merged member
+// receives 1/count of its contextual row's gradient (the target itself receives it whole). Without
+// this kernel, backprop through the op would silently produce no gradient for `hidden`.
+//
+// group_pool / group_pool_with_labels (docs/spec.md "Group pool", "Gradients"): values get the exact
+// gradient of the hard assignment; logits the straight-through gradient, that of the same formula
+// with the one-hot matrix replaced by softmax(logits) over the groups, evaluated at the hard one.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -88,15 +92,107 @@ at::Tensor compress_autograd(const at::Tensor& hidden, const at::Tensor& attn, c
   return op.call(hidden, attn, k, keys, contextual, has_cls);
 }
 
+// ---- group_pool ----
+
+using PoolResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// Gradients are computed in float32, float64 for float64 values (docs/spec.md "Numerics").
+at::ScalarType pool_acc(const at::Tensor& values) {
+  return values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// den[b, m] = count[b, m] + eps, in acc.
+at::Tensor pool_denominator(const at::Tensor& counts, double eps, at::ScalarType acc) {
+  return counts.to(acc) + eps;
+}
+
+// grad_out (B, M, C), labels (B, N), counts (B, M) -> grad of values (B, N, C) in grad_out's dtype:
+// row j gets grad_out[label_j] / (count + eps).
+at::Tensor pool_values_grad(const at::Tensor& grad_out, const at::Tensor& labels, const at::Tensor& counts,
+                            double eps) {
+  const auto acc = at::promote_types(grad_out.scalar_type(), at::kFloat);
+  const int64_t b = labels.size(0), n = labels.size(1), c = grad_out.size(2);
+  auto scaled = grad_out.to(acc) / pool_denominator(counts, eps, acc).unsqueeze(-1);
+  return scaled.gather(1, labels.unsqueeze(-1).expand({b, n, c})).to(grad_out.scalar_type());
+}
+
+// Straight-through gradient of logits (B, M, N), in logits' dtype. With A the (M, N) assignment,
+// out_m = sum_j A_mj v_j / (sum_j A_mj + eps), at A = one-hot(labels):
+//   dL/dA_mj = g_m . v_j / den_m - g_m . out_m / den_m = P_mj - (sum over j' in m of P_mj') / den_m,
+// P = (g / den) @ values^T; then the softmax over m: dL/dlogits = S * (dL/dA - sum_m S * dL/dA).
+at::Tensor pool_logits_grad(const at::Tensor& grad_out, const at::Tensor& logits, const at::Tensor& values,
+                            const at::Tensor& labels, const at::Tensor& counts, double eps) {
+  const auto acc = pool_acc(values);
+  const int64_t m = logits.size(1);
+  auto den = pool_denominator(counts, eps, acc);
+  auto p = at::bmm(grad_out.to(acc) / den.unsqueeze(-1), values.to(acc).transpose(1, 2));  // (B, M, N)
+  auto hard = labels.unsqueeze(1).eq(at::arange(m, labels.options()).view({1, m, 1}));
+  auto own = at::where(hard, p, at::zeros({}, p.options())).sum(-1) / den;  // g_m . out_m / den_m
+  auto da = p - own.unsqueeze(-1);
+  auto soft = at::softmax(logits.to(acc), 1);
+  return (soft * (da - (soft * da).sum(1, /*keepdim=*/true))).to(logits.scalar_type());
+}
+
+PoolResult call_group_pool_with_labels(const at::Tensor& logits, const at::Tensor& values, const at::Scalar& eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("visionzip::group_pool_with_labels", "")
+                       .typed<PoolResult(const at::Tensor&, const at::Tensor&, const at::Scalar&)>();
+  return op.call(logits, values, eps);
+}
+
+class GroupPoolFunction : public torch::autograd::Function<GroupPoolFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& values,
+                               const at::Scalar& eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [output, labels, counts] = call_group_pool_with_labels(logits, values, eps);
+    ctx->save_for_backward({logits, values, labels, counts});
+    ctx->saved_data["eps"] = eps.toDouble();  // validated by the kernel
+    ctx->mark_non_differentiable({labels, counts});
+    return {output, labels, counts};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    at::Tensor grad_logits, grad_values;
+    if (grads[0].defined()) {
+      if (ctx->needs_input_grad(0)) grad_logits = pool_logits_grad(grads[0], saved[0], saved[1], saved[2], saved[3], eps);
+      if (ctx->needs_input_grad(1)) grad_values = pool_values_grad(grads[0], saved[2], saved[3], eps);
+    }
+    return {grad_logits, grad_values, at::Tensor()};
+  }
+};
+
+PoolResult group_pool_with_labels_autograd(const at::Tensor& logits, const at::Tensor& values, const at::Scalar& eps) {
+  auto r = GroupPoolFunction::apply(logits, values, eps);
+  return {r[0], r[1], r[2]};
+}
+
+at::Tensor group_pool_autograd(const at::Tensor& logits, const at::Tensor& values, const at::Scalar& eps) {
+  if (at::GradMode::is_enabled() && (logits.requires_grad() || values.requires_grad())) {
+    return GroupPoolFunction::apply(logits, values, eps)[0];
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("visionzip::group_pool", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Scalar&)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(logits, values, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionzip, CompositeExplicitAutograd, m) {
   m.impl("_compress_hidden_grad", &hidden_grad);
+  m.impl("_group_pool_values_grad", &pool_values_grad);
+  m.impl("_group_pool_logits_grad", &pool_logits_grad);
 }
 
 TORCH_LIBRARY_IMPL(visionzip, Autograd, m) {
   m.impl("compress", &compress_autograd);
   m.impl("compress_with_indices", &compress_with_indices_autograd);
+  m.impl("group_pool", &group_pool_autograd);
+  m.impl("group_pool_with_labels", &group_pool_with_labels_autograd);
 }
 
 }  // namespace visionzip

@@ -41,4 +41,13 @@ inline std::optional<double> scale_arg(const char* op, std::optional<double> sca
   return scale;
 }
 
+// eps of group_pool: a number (int or float, not a bool), finite and > 0.
+inline double positive_arg(const char* op, const char* name, const at::Scalar& v) {
+  TORCH_CHECK(!v.isBoolean() && (v.isFloatingPoint() || v.isIntegral(/*includeBool=*/false)), op, ": ", name,
+              " must be a float; got a ", v.isBoolean() ? "bool" : "non-real number");
+  const double x = v.toDouble();
+  TORCH_CHECK(std::isfinite(x) && x > 0, op, ": ", name, " must be finite and > 0; got ", x);
+  return x;
+}
+
 }  // namespace visionzip

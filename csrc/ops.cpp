@@ -56,3 +56,25 @@ TORCH_LIBRARY_FRAGMENT(visionzip, m) {
   m.def("cls_scores(Tensor q, Tensor k, *, float? scale=None) -> Tensor");
   m.def("received_scores(Tensor q, Tensor k, *, float? scale=None, Tensor? cu_seqlens=None) -> Tensor");
 }
+
+TORCH_LIBRARY_FRAGMENT(visionzip, m) {
+#ifdef VISIONZIP_PYTHON_MODULE
+  m.set_python_module("visionzip_kernels.ops.group_pool");
+#endif
+  // group_pool (docs/spec.md "Group pool"): logits (B, M, N), values (B, N, C) -> (B, M, C) in values'
+  // dtype: label_j = argmax over m of logits[:, m, j] (ties to the lower m, NaN lowest), out_m = sum of
+  // the values rows labelled m / (count_m + eps). eps is a finite number > 0, declared as Scalar so that
+  // a bool is an error, not 1.0 (common.h positive_arg). The companion also returns labels (B, N) and
+  // counts (B, M), int64.
+  m.def("group_pool(Tensor logits, Tensor values, *, Scalar eps=1.0) -> Tensor");
+  m.def(
+      "group_pool_with_labels(Tensor logits, Tensor values, *, Scalar eps=1.0) -> (Tensor output, Tensor labels, "
+      "Tensor counts)");
+  // Backward of group_pool from the pass's labels and counts (device-generic; csrc/autograd.cpp): the
+  // gradient of values, and the straight-through gradient of logits. Public only so that every
+  // backend's autograd (C++ and the Triton custom ops) shares one formula.
+  m.def("_group_pool_values_grad(Tensor grad_out, Tensor labels, Tensor counts, float eps) -> Tensor");
+  m.def(
+      "_group_pool_logits_grad(Tensor grad_out, Tensor logits, Tensor values, Tensor labels, Tensor counts, "
+      "float eps) -> Tensor");
+}

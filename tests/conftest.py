@@ -3,7 +3,8 @@
 Without a CUDA device the Triton kernels run in the interpreter on CPU tensors: TRITON_INTERPRET
 must be set before the first ``@triton.jit`` runs, so before the package is imported.
 Tests marked ``gpu`` are skipped without a CUDA device, and the summary says how many. The
-``compress_backend`` fixture parametrises the compress contract suite over every backend.
+``compress_backend`` and ``group_pool_backend`` fixtures parametrise the contract suites over every
+backend.
 """
 
 import os
@@ -26,6 +27,12 @@ def compress_backend(request) -> BackendUnderTest:
     """The backend the compress contract suite (tests/test_compress.py) runs on: each one available
     here (Triton on CPU tensors only in its interpreter; GPU ones only with a CUDA device)."""
     return require(request.param)
+
+
+@pytest.fixture(params=backend_params("group_pool"))
+def group_pool_backend(request) -> BackendUnderTest:
+    """The backend the group_pool contract suite (tests/test_group_pool.py) runs on."""
+    return require(request.param, "group_pool")
 
 
 def pytest_collection_modifyitems(config, items):

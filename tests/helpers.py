@@ -19,8 +19,8 @@ from typing import Iterator, Optional
 import torch
 
 import visionzip_kernels as vz
-from visionzip_kernels import CompressResult, compress_reference
-from visionzip_kernels._backends import BACKENDS
+from visionzip_kernels import CompressResult, GroupPoolResult, compress_reference
+from visionzip_kernels._backends import BACKENDS, available
 from visionzip_kernels.reference import normalize_rows, target_positions, token_scores
 
 @contextlib.contextmanager
@@ -41,8 +41,9 @@ def poisoned_allocations() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class BackendUnderTest:
-    """One (backend, device) pair of the contract suites: what the ``compress_backend`` fixture of
-    tests/conftest.py yields, for every backend the registry declares on every device type."""
+    """One (backend, device) pair of the contract suites: what the ``compress_backend`` and
+    ``group_pool_backend`` fixtures of tests/conftest.py yield, for every backend the registry
+    declares on every device type."""
 
     name: str
     device: str
@@ -52,36 +53,40 @@ class BackendUnderTest:
         """Triton on CPU tensors: the interpreter, where each program instance costs ~1 ms."""
         return self.name == "triton" and self.device == "cpu"
 
-    def takes(self, dtype: torch.dtype) -> bool:
-        return dtype in BACKENDS[self.name].ops["compress"]
+    def takes(self, dtype: torch.dtype, op: str = "compress") -> bool:
+        return dtype in BACKENDS[self.name].ops[op]
 
     def run(self, case: "Case", **kwargs) -> CompressResult:
         return vz.compress(case.hidden, case.attn, case.k, **case.kwargs(), backend=self.name, return_indices=True,
                            **kwargs)
 
+    def group_pool(self, logits: torch.Tensor, values: torch.Tensor, **kwargs) -> GroupPoolResult:
+        return vz.group_pool(logits, values, backend=self.name, return_labels=True, **kwargs)
+
     def __str__(self) -> str:
         return f"{self.name}-{self.device}"
 
 
-def backend_params() -> list:
-    """pytest params of every declared backend on every device type it runs on; CUDA ones are GPU
-    tests (the ``compress_backend`` fixture of tests/conftest.py skips those not available here)."""
+def backend_params(op: str = "compress") -> list:
+    """pytest params of every backend declaring ``op`` on every device type it runs on; CUDA ones are
+    GPU tests (the fixtures of tests/conftest.py skip those not available here)."""
     import pytest
 
     params = []
     for device in ("cpu", "cuda"):
         for name, backend in BACKENDS.items():
-            if backend.devices is None or device in backend.devices:
+            if op in backend.ops and (backend.devices is None or device in backend.devices):
                 bk = BackendUnderTest(name, device)
                 params.append(pytest.param(bk, id=str(bk), marks=[pytest.mark.gpu] if device == "cuda" else []))
     return params
 
 
-def require(bk: BackendUnderTest) -> BackendUnderTest:
-    """``bk``, or skip the test where it is not available (Triton on CPU needs its interpreter)."""
+def require(bk: BackendUnderTest, op: str = "compress") -> BackendUnderTest:
+    """``bk``, or skip the test where it is not available for ``op`` (Triton on CPU needs its
+    interpreter)."""
     import pytest
 
-    if bk.name not in vz.available_backends(bk.device):
+    if bk.name not in available(op, bk.device):
         pytest.skip(f"backend {bk.name!r} is not available on {bk.device} in this environment")
     return bk
 

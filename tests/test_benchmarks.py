@@ -134,3 +134,23 @@ def test_bench_e2e_7b_shape():
         4096, 11008, 32, 2)
     assert next(model.parameters()).dtype == torch.float16 and torch.get_default_dtype() == torch.float32
     assert bench_e2e.LLMS["7b"]["num_hidden_layers"] == 32
+
+
+def test_bench_group_pool_smoke(tmp_path):
+    """A small shape, no compile: every method timed side by side, all computing the oracle's output,
+    the table rendered and the JSON written."""
+    import bench_group_pool
+
+    out = tmp_path / "gp.json"
+    result = bench_group_pool.main(["--device", "cpu", "--batch", "2", "--patches", "50", "--groups", "7",
+                                    "--channels", "16", "--skip", "compile(dense)", "--min-time", "0",
+                                    "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"] and saved["machine"]
+    assert {r["method"] for r in saved["rows"]} == {"dense-eager", "cpu"}
+    for r in saved["rows"]:
+        assert r["ms"] > 0 and r["max_abs_diff_vs_reference"] < 1e-5
+    assert "| cpu |" in bench_group_pool.markdown(saved)
+    name = bench_group_pool.default_out(saved).name  # the CPU's model name, without the core counts
+    assert name.startswith("group_pool-cpu-") and name.endswith(f"-{torch.get_num_threads()}t-float32.json")
+    assert "cores" not in name

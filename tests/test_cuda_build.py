@@ -26,4 +26,5 @@ def test_cuda_sources_compile_without_spills():
     report = proc.stdout + proc.stderr
     print(report)  # the ptxas register / spill table, shown with -s or on failure
     assert proc.returncode == 0, f"CUDA compile check failed:\n{report}"
-    assert "compress_kernel<" in report and "sm_90" in report and "sm_80" in report, report
+    assert "compress_kernel<" in report and "group_pool_kernel<" in report, report
+    assert "sm_90" in report and "sm_80" in report, report

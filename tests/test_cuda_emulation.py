@@ -1,4 +1,5 @@
-"""The CUDA kernels' block algorithm, run on the CPU under the host emulation (tests/cuda_emulation).
+"""The CUDA kernels' block algorithm (compress, group_pool), run on the CPU under the host emulation
+(tests/cuda_emulation).
 
 Same oracle checks as the device backends, through the launch plan of the torch binding
 (pre-pass slices, shared-memory or global-scratch targets, 16-byte or scalar paths). Needs g++
@@ -10,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.cuda_emulation import build_runner, run_emulated
+import visionzip_kernels as vz
+from tests.cuda_emulation import build_runner, run_emulated, run_group_pool_emulated
 from tests.helpers import Case, check_against_reference, make_case
 
 
@@ -190,3 +192,85 @@ def test_emulated_channel_split_choice(runner):
     case = make_case(300, 20, 512, k=6, key_dim=4)
     _, plan = _run(runner, case, num_sms=132)
     assert "splits=1 " in plan, plan
+
+
+# ------------------------------------------------------------------------------------------------
+# group_pool (csrc/cuda/group_pool_kernel.cuh): the segmented sum it shares with compress
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def group_pool_runner(tmp_path_factory):
+    try:
+        return build_runner(tmp_path_factory.mktemp("cuda_emulation"), "group_pool_runner.cpp")
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+
+
+def _pool_inputs(b, m, n, c, dtype=torch.float32, logits_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(b, m, n, generator=g) * 2).to(logits_dtype or dtype)
+    return logits, torch.randn(b, n, c, generator=g).to(dtype)
+
+
+POOL_CASES = {
+    "f32-vec": dict(b=2, m=13, n=65, c=32),
+    "f16-vec": dict(b=2, m=7, n=64, c=64, dtype=torch.float16),
+    "bf16-scalar-odd-c": dict(b=1, m=9, n=70, c=20, dtype=torch.bfloat16),
+    "f32-f64-logits": dict(b=2, m=5, n=50, c=16, logits_dtype=torch.float64),
+    "f16-bf16-logits-widened": dict(b=1, m=6, n=40, c=16, dtype=torch.float16, logits_dtype=torch.bfloat16),
+    "more-groups-than-patches": dict(b=2, m=70, n=33, c=8),
+    "one-group": dict(b=1, m=1, n=20, c=8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(POOL_CASES))
+def test_emulated_group_pool_bit_identical_to_cpu(group_pool_runner, name):
+    """The CUDA kernel sums members in ascending patch order in float32 and divides by count + eps,
+    as the C++ CPU kernel does: identical labels, counts and output bits (and so the oracle's)."""
+    kw = dict(POOL_CASES[name])
+    logits, values = _pool_inputs(kw.pop("b"), kw.pop("m"), kw.pop("n"), kw.pop("c"), **kw)
+    res, _ = run_group_pool_emulated(group_pool_runner, logits, values, 0.5)
+    cpu = vz.group_pool(logits, values, eps=0.5, backend="cpu", return_labels=True)
+    for a, b in zip(res, cpu):
+        assert torch.equal(a, b), name
+    ref = vz.group_pool_reference(logits, values, eps=0.5)
+    assert torch.equal(res.labels, ref.labels) and torch.equal(res.counts, ref.counts)
+
+
+def test_emulated_group_pool_ties_and_nan(group_pool_runner):
+    logits = torch.tensor([[[float("nan"), float("nan"), -0.0, float("-inf"), 1.0],
+                            [float("nan"), 1.0, 0.0, float("-inf"), float("inf")],
+                            [float("nan"), 1.0, -1.0, -5.0, float("inf")]]])
+    values = torch.randn(1, 5, 8)
+    res, _ = run_group_pool_emulated(group_pool_runner, logits, values)
+    assert res.labels.tolist() == [[0, 1, 0, 2, 1]]
+    assert res.counts.tolist() == [[2, 2, 1]]
+
+
+def test_emulated_group_pool_realistic_size(group_pool_runner):
+    """B = 2, M = 64, N = 577 at the production block size (512 threads; slow to emulate)."""
+    logits, values = _pool_inputs(2, 64, 577, 64, dtype=torch.bfloat16)
+    res, _ = run_group_pool_emulated(group_pool_runner, logits, values, threads=512)
+    for a, b in zip(res, vz.group_pool(logits, values, backend="cpu", return_labels=True)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("splits", [2, 3])
+def test_emulated_group_pool_channel_splits(group_pool_runner, splits):
+    """Several blocks per image give exactly the one-block result; only block (b, 0) writes the
+    labels and counts, which the poisoned output buffers would show if it did not."""
+    logits, values = _pool_inputs(2, 11, 60, 64, dtype=torch.float16)
+    one, plan_one = run_group_pool_emulated(group_pool_runner, logits, values, splits=1)
+    many, plan_many = run_group_pool_emulated(group_pool_runner, logits, values, splits=splits)
+    assert "splits=1 " in plan_one and f"splits={splits} " in plan_many, (plan_one, plan_many)
+    for a, b in zip(one, many):
+        assert torch.equal(a, b)
+
+
+def test_emulated_group_pool_split_choice_and_smem(group_pool_runner):
+    logits, values = _pool_inputs(1, 8, 40, 1024)
+    _, plan = run_group_pool_emulated(group_pool_runner, logits, values, num_sms=132)
+    assert "splits=4 split_channels=256" in plan and "smem=356 " in plan, plan  # 8 N + 4 (M + 1) bytes
+    with pytest.raises(RuntimeError, match="shared memory"):
+        run_group_pool_emulated(group_pool_runner, logits, values, smem_limit=300)

@@ -16,7 +16,7 @@ from visionzip_kernels import _extension
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = {"_compress_kernel", "_received_attention_kernel", "_cls_scores_kernel", "_row_lse_kernel",
-           "_column_sums_kernel"}
+           "_column_sums_kernel", "_group_pool_kernel"}
 
 
 @pytest.mark.skipif(_extension.optional_module("visionzip_kernels.triton") is None, reason="triton is not installed")

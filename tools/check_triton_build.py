@@ -4,7 +4,7 @@ The interpreter (TRITON_INTERPRET=1) runs the kernels' Python semantics on the C
 them, so an op, layout or type the GPU compiler rejects, or a block that spills, shows up there only
 on a GPU. This tool stands in a driver that reports a CUDA target (sm_80, sm_90) and makes every
 launch a compile-only ``warmup``, runs the real launchers on CPU tensors of representative shapes
-(every kernel, every dtype, one-chunk and chunked selection, segments or not), then reads registers
+(every kernel, every dtype, one-chunk and chunked selection, segments or not, channel splits), then reads registers
 and spills from ptxas' report on each kernel's PTX.
 
     python tools/check_triton_build.py             # table; exit 1 on any compile error
@@ -62,6 +62,7 @@ def launches() -> None:
     """Every kernel through its launcher, on CPU tensors (shapes as in the workloads)."""
     from visionzip_kernels.triton import _utils
     from visionzip_kernels.triton import compress as tc
+    from visionzip_kernels.triton import group_pool as tg
     from visionzip_kernels.triton import scores as ts
 
     g = torch.Generator().manual_seed(0)
@@ -84,6 +85,13 @@ def launches() -> None:
         _utils.CHANNEL_SPLITS = 2
         tc.compress_triton(r(1, 4097, 1024, dtype=torch.float32), r(1, 4097, dtype=torch.float32), 192)
         tc.compress_triton(r(1, 4097, 1024), r(1, 16, 4097), 64)
+        # group_pool: M = 64 groups of N = 576 patches (VisToG on LLaVA-1.5), each values dtype, float64
+        # logits, and the channel slices a GPU picks for C = 1024 (4 x 256)
+        for s in (1, 4):
+            _utils.CHANNEL_SPLITS = s
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                tg.group_pool_triton(r(8, 64, 576, dtype=dtype), r(8, 576, 1024, dtype=dtype))
+        tg.group_pool_triton(r(2, 64, 729, dtype=torch.float64), r(2, 729, 1152, dtype=torch.bfloat16))
     finally:
         _utils.CHANNEL_SPLITS = splits
     # scores: the CLS row; received attention with and without packed segments
@@ -105,9 +113,10 @@ def compile_all(capability: int) -> list[tuple[str, str, object]]:
         return kernel
 
     from visionzip_kernels.triton import compress as tc
+    from visionzip_kernels.triton import group_pool as tg
     from visionzip_kernels.triton import scores as ts
 
-    for fn in [v for m in (tc, ts) for v in vars(m).values() if isinstance(v, JITFunction)]:
+    for fn in [v for m in (tc, tg, ts) for v in vars(m).values() if isinstance(v, JITFunction)]:
         fn.device_caches.clear()  # binders and compiled kernels are cached per device, not per target
     _driver.set_active(CompileOnlyDriver(capability))
     JITFunction.run = run

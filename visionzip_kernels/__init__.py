@@ -6,6 +6,8 @@
 The operator itself is ``torch.ops.visionzip.compress`` (and ``compress_with_indices``).
 Scores without the N x N attention matrix (docs/spec.md "Scores"): ``vz.cls_scores(q_cls, k)`` /
 ``vz.received_scores(q, k)`` give the (B, N) ``attn`` of ``compress`` from a layer's q and k.
+Grouping (docs/spec.md "Group pool"): ``vz.group_pool(logits, values)`` pools N patches into M groups
+by their argmax logit, a segmented sum instead of the dense one-hot product.
 
 Layout: ``_extension`` loads the compiled library; ``_backends`` is the registry every op selects
 through; ``ops/`` one module per op (its checks, fake kernels and entry); ``reference/`` the oracles
@@ -27,8 +29,10 @@ from .ops.compress import (
 from .reference import (
     cls_scores_reference,
     compress_reference,
+    group_pool_reference,
     received_scores_reference,
 )
+from .ops.group_pool import GroupPoolResult, available_group_pool_backends, group_pool
 from .ops.scores import available_score_backends, cls_scores, received_scores
 
 _extension.optional_module("visionzip_kernels.triton")  # Triton custom ops and registry entries, if installed
@@ -40,7 +44,9 @@ __all__ = [
     "BACKENDS",
     "CompressPlan",
     "CompressResult",
+    "GroupPoolResult",
     "available_backends",
+    "available_group_pool_backends",
     "available_score_backends",
     "check_compress_inputs",
     "cls_scores",
@@ -48,6 +54,8 @@ __all__ = [
     "compress",
     "compress_reference",
     "default_contextual",
+    "group_pool",
+    "group_pool_reference",
     "received_scores",
     "received_scores_reference",
     "visionzip_eager",

@@ -24,7 +24,7 @@ ALL_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.floa
 HALF_AND_FLOAT = frozenset({torch.float16, torch.bfloat16, torch.float32})
 
 #: Op names of the registry (the torch.ops.visionzip schema names).
-OPS = ("compress", "cls_scores", "received_scores")
+OPS = ("compress", "cls_scores", "received_scores", "group_pool")
 
 
 def _always(device_type: str) -> bool:
@@ -46,7 +46,7 @@ def _triton_runs_on(device_type: str) -> bool:
 @dataclass(frozen=True)
 class Backend:
     """A backend: the device types it can run on, whether it is usable there in this process, and the
-    dtypes (of the op's main input: hidden, or q / k) each of its ops takes."""
+    dtypes (of the op's main input: hidden, q / k, or values) each of its ops takes."""
 
     name: str
     devices: Optional[frozenset[str]]  # None: any device (pure PyTorch)
@@ -65,7 +65,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("triton", frozenset({"cuda", "cpu"}), _triton_runs_on,
                 {op: HALF_AND_FLOAT for op in OPS}, "Triton kernels (visionzip_kernels/triton)"),
         Backend("cuda", frozenset({"cuda"}), _cuda_kernels,
-                {"compress": HALF_AND_FLOAT}, "hand-written CUDA kernels (csrc/cuda)"),
+                {"compress": HALF_AND_FLOAT, "group_pool": HALF_AND_FLOAT}, "hand-written CUDA kernels (csrc/cuda)"),
     )
 }
 

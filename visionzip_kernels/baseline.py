@@ -1,10 +1,15 @@
-"""The eager baseline of every benchmark: VisionZip as the original code writes it. Not an oracle.
+"""The eager baselines of the benchmarks: VisionZip as the original code writes it, and the dense
+one-hot group pooling. Not oracles.
 
 :func:`visionzip_eager` transcribes the official implementation (boolean masks, ``masked_select``,
 ``isin``, one-hot matrix products, all in the input dtype). Its ``topk`` breaks ties arbitrarily and
 it computes in the input dtype, so it agrees with the contract (docs/spec.md "Compress") only on
 inputs without ties; tests compare it with the oracle on tie-free float64 inputs only. Correctness
 is judged against ``visionzip_kernels.reference.compress_reference``.
+
+:func:`group_pool_dense_eager` is hard group pooling (docs/spec.md "Group pool") as a model writes
+it: a one-hot assignment from ``argmax``, then the dense (M x N) @ (N x C) product over the count,
+in the values' dtype (``argmax`` ranks NaN highest, unlike the contract).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Optional
 import torch
 
 from .ops.compress import default_contextual
+from .ops.group_pool import DEFAULT_EPS
 
 
 def visionzip_eager(
@@ -76,3 +82,10 @@ def visionzip_eager(
     target_hidden = hidden_filtered[:, target_indices, :]
     contextual_tokens = target_hidden + aggregated_hidden
     return torch.cat([dominant_tokens, contextual_tokens], dim=1).to(hidden.dtype)
+
+
+def group_pool_dense_eager(logits: torch.Tensor, values: torch.Tensor, *, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """logits (B, M, N), values (B, N, C) -> (B, M, C): A = one-hot(argmax over m), (A @ values) /
+    (A.sum(-1) + eps), the O(M N C) dense formulation the group_pool kernels replace."""
+    assign = torch.nn.functional.one_hot(logits.argmax(dim=1), logits.shape[1]).transpose(1, 2).to(values.dtype)
+    return (assign @ values) / (assign.sum(dim=-1, keepdim=True) + eps)

@@ -16,22 +16,13 @@
 #include <limits>
 
 #include "../compress_common.h"
+#include "binding_common.h"
 #include "compress_kernel.cuh"
 
 namespace visionzip {
 namespace {
 
 namespace ck = cuda_kernel;
-
-ck::DType kernel_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return ck::DType::kFloat32;
-    case at::kHalf: return ck::DType::kFloat16;
-    case at::kBFloat16: return ck::DType::kBFloat16;
-    default: break;
-  }
-  TORCH_CHECK(false, "visionzip::compress (CUDA kernel): unsupported dtype ", t);
-}
 
 CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                               const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,
@@ -50,11 +41,8 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   CompressOutputs o = allocate_outputs(g);
   if (g.batch == 0) return o;
 
-  // Attribute queries are host-only (no synchronisation, allowed during graph capture).
   const int device = hidden.get_device();
-  int smem_optin = 0, num_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device));
+  const auto [smem_optin, num_sms] = device_limits(device);
   const int n = int(g.tokens), cx = int(g.contextual), cm = int(g.metric.size(2));
   const ck::LaunchPlan plan =
       ck::plan_compress(int(g.batch), n, cx, cm, int(g.heads), int(g.queries), size_t(smem_optin), num_sms,
@@ -99,8 +87,10 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   p.has_cls = g.has_cls;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  C10_CUDA_CHECK(ck::launch_compress_dtypes(kernel_dtype(g.hidden.scalar_type()), kernel_dtype(g.attn.scalar_type()),
-                                            kernel_dtype(g.metric.scalar_type()), p, plan, stream));
+  constexpr const char* op = "visionzip::compress";
+  C10_CUDA_CHECK(ck::launch_compress_dtypes(kernel_dtype(g.hidden.scalar_type(), op),
+                                            kernel_dtype(g.attn.scalar_type(), op),
+                                            kernel_dtype(g.metric.scalar_type(), op), p, plan, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return o;
 }

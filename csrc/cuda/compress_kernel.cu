@@ -29,6 +29,8 @@ cudaError_t launch_compress_dtypes(DType hidden, DType attn, DType metric, const
       return launch_aux<__half>(hidden, attn, metric, p, plan, stream);
     case DType::kBFloat16:
       return launch_aux<__nv_bfloat16>(hidden, attn, metric, p, plan, stream);
+    default:
+      break;
   }
   return cudaErrorInvalidValue;
 }

@@ -23,38 +23,19 @@
 //      argmax with ties to the lower target and NaN lowest (the token's own norm is a positive
 //      factor and is skipped, as in the C++ CPU kernel);
 //   6. segmented mean: stable per-target member lists (ballot compaction, ascending token order),
-//      then hidden[target] + sum(members) / max(count, 1) in float32, written in hidden's dtype.
+//      then hidden[target] + sum(members) / max(count, 1) in float32, written in hidden's dtype
+//      (member_lists / segment_sums of segmented_sum.cuh, shared with group_pool).
 // Every value is produced by one thread in a fixed order: results are bit-identical run to run.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
-#include <cstring>
-
-#if defined(__CUDACC__)
-#include <cuda_runtime.h>
-#define VZ_HD __host__ __device__ __forceinline__
-#define VZ_DEVICE __device__ __forceinline__
-#define VZ_KERNEL(threads, min_blocks) __global__ void __launch_bounds__(threads, min_blocks)
-#else  // host emulation: the including file defines threadIdx, __syncthreads, __shfl_xor_sync, ...
-#define VZ_HD inline
-#define VZ_DEVICE inline
-#define VZ_KERNEL(threads, min_blocks) void
-#endif
+#include "kernel_common.cuh"
+#include "segmented_sum.cuh"
 
 namespace visionzip {
 namespace cuda_kernel {
 
-constexpr int kThreads = 512;         // main kernel: threads per block (S blocks per image)
-constexpr int kMinBlocks = 2;         // main kernel: <= 64 registers, two images per SM
 constexpr int kPartialThreads = 256;  // score pre-pass: threads per block
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kCachedMetric = 4;  // metric elements per lane kept in registers during assignment
-constexpr int kMemberLoads = 4;   // member rows loaded ahead per thread in the segmented mean
 
 // Everything the kernels read or write. Pointers are to device memory; element strides.
 struct CompressParams {
@@ -111,16 +92,8 @@ struct LaunchPlan {
 inline LaunchPlan plan_compress(int batch, int n, int cx, int cm, int heads, int queries, size_t smem_limit,
                                 int num_sms, int channels, bool metric_is_hidden, int splits = 0) {
   LaunchPlan plan;
-  if (splits <= 0) {  // about two blocks per SM (kMinBlocks), at least 256 channels per block
-    const int64_t want = batch > 0 ? (2 * int64_t(num_sms) + batch - 1) / batch : 1;
-    int64_t cap = channels / 256 > 1 ? channels / 256 : 1;
-    if (metric_is_hidden && cap > 2) cap = 2;
-    splits = int(want < 1 ? 1 : (want > cap ? cap : want));
-  }
-  // a multiple of 8 channels (at least 8) keeps every slice 16-byte aligned; recount the blocks
-  const int per = (channels + splits - 1) / splits;
-  plan.split_channels = per > 8 ? (per + 7) / 8 * 8 : 8;
-  plan.channel_splits = channels > 0 ? (channels + plan.split_channels - 1) / plan.split_channels : 1;
+  choose_channel_split(batch, channels, num_sms, metric_is_hidden ? 2 : 0, splits, plan.channel_splits,
+                       plan.split_channels);
   plan.smem_needed = smem_layout(n, cx, cm, false).total;
   if (plan.smem_needed > smem_limit) return plan;
   plan.ok = true;
@@ -138,103 +111,8 @@ inline LaunchPlan plan_compress(int batch, int n, int cx, int cm, int heads, int
   return plan;
 }
 
-// ---- element conversions and 16-byte vector loads ----
-
-VZ_DEVICE float to_float(float x) { return x; }
-VZ_DEVICE float to_float(__half x) { return __half2float(x); }
-VZ_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-VZ_DEVICE T from_float(float x);
-template <>
-VZ_DEVICE float from_float<float>(float x) { return x; }
-template <>
-VZ_DEVICE __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <>
-VZ_DEVICE __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
-template <typename T>
-constexpr int vec_size() { return int(16 / sizeof(T)); }
-
-VZ_DEVICE bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
-// V consecutive elements as floats; V > 1 needs a 16-byte aligned p (V == 16 / sizeof(T)).
-template <int V, typename T>
-VZ_DEVICE void load_floats(const T* p, float (&out)[V]) {
-  if constexpr (V == 1) {
-    out[0] = to_float(p[0]);
-  } else {
-    static_assert(V * sizeof(T) == 16, "vector loads are 16 bytes");
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    T e[V];
-    memcpy(e, &raw, 16);
-#pragma unroll
-    for (int i = 0; i < V; ++i) out[i] = to_float(e[i]);
-  }
-}
-
-template <int V, typename T>
-VZ_DEVICE void store_floats(T* p, const float (&in)[V]) {
-  if constexpr (V == 1) {
-    p[0] = from_float<T>(in[0]);
-  } else {
-    T e[V];
-#pragma unroll
-    for (int i = 0; i < V; ++i) e[i] = from_float<T>(in[i]);
-    uint4 raw;
-    memcpy(&raw, e, 16);
-    *reinterpret_cast<uint4*>(p) = raw;
-  }
-}
-
-// ---- warp and block helpers (every lane of the warp / thread of the block must call them) ----
-
-VZ_DEVICE int lane_id() { return int(threadIdx.x) & 31; }
-VZ_DEVICE int warp_id() { return int(threadIdx.x) >> 5; }
-
-// XOR butterfly: each step adds the same two values in every lane of a pair (a + b == b + a),
-// so all lanes end with the bit-identical sum.
-VZ_DEVICE float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
-  return v;
-}
-
-VZ_DEVICE int warp_inclusive_scan(int v) {
-  const int lane = lane_id();
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int u = __shfl_up_sync(kFullMask, v, o);
-    if (lane >= o) v += u;
-  }
-  return v;
-}
-
-struct ScanResult {
-  int before;  // flags set in lower threads of the block
-  int total;   // flags set in the block
-};
-
-// Block-wide exclusive count of a flag. Contains two __syncthreads.
-VZ_DEVICE ScanResult block_count(bool flag, int* warp_sums) {
-  const int lane = lane_id(), warp = warp_id(), nwarps = int(blockDim.x) >> 5;
-  const unsigned bal = __ballot_sync(kFullMask, flag);
-  if (lane == 0) warp_sums[warp] = __popc(bal);
-  __syncthreads();
-  ScanResult r{__popc(bal & ((1u << lane) - 1u)), 0};
-  for (int w = 0; w < nwarps; ++w) {
-    const int c = warp_sums[w];
-    if (w < warp) r.before += c;
-    r.total += c;
-  }
-  __syncthreads();  // warp_sums is rewritten by the next call
-  return r;
-}
 
 // ---- scores ----
-
-// Bitwise, so the NaN rules hold even under fast-math flags.
-VZ_DEVICE bool is_nan(float x) { return (__float_as_uint(x) & 0x7fffffffu) > 0x7f800000u; }
 
 // Larger keys rank first. NaN -> 0 (below -inf, whose key is 0x007fffff...), -0.0 -> +0.0, and
 // the low word N-1-j makes equal scores rank by ascending index.
@@ -365,57 +243,26 @@ VZ_DEVICE void copy_rows(const scalar_t* hid, scalar_t* out, const int* src, int
 }
 
 // contextual row t = hidden[target t] + sum(members) / max(count, 1) on channels [c0, c1) of rows
-// of c, V channels per work item.
+// of c, V channels per work item; members in ascending token order, as the CPU kernel (segment_sums).
 template <int V, typename scalar_t>
 VZ_DEVICE void segment_means(const scalar_t* hid, scalar_t* out, const int* order, const int* members,
                              const int* offsets, int cx, int step, int c, int c0, int c1) {
-  const int units = (c1 - c0) / V;
-  hid += c0;
-  out += c0;
-  for (int item = int(threadIdx.x); item < cx * units; item += int(blockDim.x)) {
-    const int t = item / units, u = item % units;
-    const int m0 = offsets[t], m1 = offsets[t + 1];
-    float acc[V];
+  segment_sums<V>(hid, c, c0, c1, cx, offsets, [&](int m) { return order[members[m]]; },
+                  [&](int t, int channel, int count, const float(&acc)[V]) {
+                    const float cnt = float(count > 1 ? count : 1);
+                    float y[V];
+                    load_floats<V>(hid + int64_t(order[t * step]) * c + channel, y);
 #pragma unroll
-    for (int i = 0; i < V; ++i) acc[i] = 0.0f;
-    // Ascending token order, as the CPU kernel. kMemberLoads rows are loaded before any is added, so
-    // that many loads are in flight per thread (one at a time left each thread waiting ~a DRAM latency
-    // per member); the additions keep the member order, so the bits do not change.
-    int m = m0;
-    for (; m + kMemberLoads <= m1; m += kMemberLoads) {
-      float x[kMemberLoads][V];
-#pragma unroll
-      for (int j = 0; j < kMemberLoads; ++j)
-        load_floats<V>(hid + int64_t(order[members[m + j]]) * c + int64_t(u) * V, x[j]);
-#pragma unroll
-      for (int j = 0; j < kMemberLoads; ++j)
-#pragma unroll
-        for (int i = 0; i < V; ++i) acc[i] += x[j][i];
-    }
-    for (; m < m1; ++m) {
-      float x[V];
-      load_floats<V>(hid + int64_t(order[members[m]]) * c + int64_t(u) * V, x);
-#pragma unroll
-      for (int i = 0; i < V; ++i) acc[i] += x[i];
-    }
-    const float cnt = float(m1 - m0 > 1 ? m1 - m0 : 1);
-    float y[V];
-    load_floats<V>(hid + int64_t(order[t * step]) * c + int64_t(u) * V, y);
-#pragma unroll
-    for (int i = 0; i < V; ++i) y[i] = y[i] + acc[i] / cnt;
-    store_floats<V>(out + int64_t(t) * c + int64_t(u) * V, y);
-  }
+                    for (int i = 0; i < V; ++i) y[i] = y[i] + acc[i] / cnt;
+                    store_floats<V>(out + int64_t(t) * c + channel, y);
+                  });
 }
 
 VZ_DEVICE bool is_target_position(int pos, int step, int cx) { return pos % step == 0 && pos / step < cx; }
 
 template <typename scalar_t, typename attn_t, typename metric_t>
 VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
-#if defined(__CUDACC__)
-  extern __shared__ __align__(16) unsigned char smem[];
-#else
-  unsigned char* smem = vz_emulation_dynamic_smem();
-#endif
+  VZ_DYNAMIC_SMEM(smem);
   const int b = int(blockIdx.x), tid = int(threadIdx.x), nthreads = int(blockDim.x);
   const int lane = lane_id(), warp = warp_id(), nwarps = nthreads >> 5;
   const int n = p.tokens, c = p.channels, cm = p.metric_dim, d = p.dominant_count, cx = p.contextual;
@@ -527,39 +374,8 @@ VZ_KERNEL(kThreads, kMinBlocks) compress_kernel(const CompressParams p) {
   int* offsets = reinterpret_cast<int*>(smem + L.offsets);
   __syncthreads();
 
-  // 6. Segmented mean. Member counts (targets excluded), their prefix sums, then stable lists.
-  for (int t = warp; t < cx; t += nwarps) {
-    int count = 0;
-    for (int p0 = 0; p0 < r; p0 += 32) {
-      const int pos = p0 + lane;
-      const bool m = pos < r && label[pos] == t && !is_target_position(pos, step, cx);
-      count += __popc(__ballot_sync(kFullMask, m));
-    }
-    if (lane == 0) offsets[t + 1] = count;
-  }
-  if (tid == 0) offsets[0] = 0;
-  __syncthreads();
-  if (warp == 0) {
-    int carry = 0;
-    for (int c0 = 1; c0 <= cx; c0 += 32) {
-      const int i = c0 + lane;
-      const int incl = warp_inclusive_scan(i <= cx ? offsets[i] : 0);
-      if (i <= cx) offsets[i] = carry + incl;
-      carry += __shfl_sync(kFullMask, incl, 31);
-    }
-  }
-  __syncthreads();
-  for (int t = warp; t < cx; t += nwarps) {
-    int at = offsets[t];
-    for (int p0 = 0; p0 < r; p0 += 32) {
-      const int pos = p0 + lane;
-      const bool m = pos < r && label[pos] == t && !is_target_position(pos, step, cx);
-      const unsigned bal = __ballot_sync(kFullMask, m);
-      if (m) members[at + __popc(bal & ((1u << lane) - 1u))] = pos;
-      at += __popc(bal);
-    }
-  }
-  __syncthreads();
+  // 6. Segmented mean: stable member lists (targets excluded), then the sums (segmented_sum.cuh).
+  member_lists(label, r, cx, [&](int pos) { return !is_target_position(pos, step, cx); }, offsets, members);
   if (rows_vec_ok) {
     segment_means<vec_size<scalar_t>()>(hid, out + int64_t(d) * c, order, members, offsets, cx, step, c, c_lo,
                                         c_hi);
@@ -579,19 +395,11 @@ cudaError_t launch_compress(const CompressParams& p, const LaunchPlan& plan, cud
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  auto kernel = compress_kernel<scalar_t, attn_t, metric_t>;
-  if (plan.smem_bytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(plan.smem_bytes));
-    if (err != cudaSuccess) return err;
-  }
-  kernel<<<dim3(unsigned(p.batch), unsigned(plan.channel_splits)), kThreads, plan.smem_bytes, stream>>>(p);
-  return cudaGetLastError();
+  return launch_blocks(compress_kernel<scalar_t, attn_t, metric_t>,
+                       dim3(unsigned(p.batch), unsigned(plan.channel_splits)), plan.smem_bytes, stream, p);
 }
 #endif
 
-// Element types of the kernel's tensors.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 #if defined(__CUDACC__) || defined(VZ_DECLARE_LAUNCH)
 // Defined in compress_kernel.cu (the only translation unit with device code): launches the

@@ -13,6 +13,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "buffer.h"
+
 using namespace visionzip::cuda_kernel;
 
 namespace {
@@ -22,22 +24,6 @@ enum Header {
   kStrideB, kStrideH, kStrideQ, kAttnNumel, kThreadsPerBlock, kSmemLimit, kNumSms, kAttnOffset, kSplits,
   kHeaderSize
 };
-
-size_t dtype_size(int64_t code) { return code == 0 ? 4 : 2; }  // 0 float32, 1 float16, 2 bfloat16
-
-struct Buffer {
-  void* ptr = nullptr;
-  explicit Buffer(size_t bytes) : ptr(std::aligned_alloc(64, (bytes + 63) / 64 * 64 + 64)) {
-    std::memset(ptr, 0xA5, (bytes + 63) / 64 * 64 + 64);  // poison: unwritten outputs show up
-  }
-  ~Buffer() { std::free(ptr); }
-  template <typename T>
-  T* as() const { return static_cast<T*>(ptr); }
-};
-
-void read_exact(FILE* f, void* dst, size_t bytes) {
-  if (bytes && std::fread(dst, 1, bytes, f) != bytes) throw std::runtime_error("short input file");
-}
 
 template <typename scalar_t, typename attn_t, typename metric_t>
 void run(CompressParams p, const int64_t* hd) {
@@ -73,13 +59,7 @@ void dispatch_aux(const CompressParams& p, const int64_t* hd) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: %s IN OUT\n", argv[0]);
-    return 2;
-  }
-  try {
-    FILE* in = std::fopen(argv[1], "rb");
-    if (!in) throw std::runtime_error("cannot open input");
+  return runner_main(argc, argv, [](FILE* in, const char* out_path) {
     int64_t hd[kHeaderSize];
     read_exact(in, hd, sizeof(hd));
     const int64_t b = hd[kB], n = hd[kN], c = hd[kC], cm = hd[kCm], d = hd[kD], cx = hd[kCx];
@@ -116,16 +96,7 @@ int main(int argc, char** argv) {
       case 2: dispatch_aux<__nv_bfloat16>(p, hd); break;
       default: throw std::runtime_error("bad dtype code");
     }
-    FILE* o = std::fopen(argv[2], "wb");
-    if (!o) throw std::runtime_error("cannot open output");
-    std::fwrite(out.ptr, 1, hs * b * (d + cx) * c, o);
-    std::fwrite(dom.ptr, 1, 8 * b * d, o);
-    std::fwrite(tgt.ptr, 1, 8 * b * cx, o);
-    std::fwrite(map.ptr, 1, 8 * b * n, o);
-    std::fclose(o);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "runner: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+    write_parts(out_path, {{out.ptr, hs * b * (d + cx) * c}, {dom.ptr, 8 * b * d}, {tgt.ptr, 8 * b * cx},
+                           {map.ptr, 8 * b * n}});
+  });
 }

@@ -1,5 +1,6 @@
-"""The oracles, side by side: :func:`compress_reference` (docs/spec.md "Compress") and
-:func:`cls_scores_reference` / :func:`received_scores_reference` (docs/spec.md "Scores").
+"""The oracles, side by side: :func:`compress_reference` (docs/spec.md "Compress"),
+:func:`cls_scores_reference` / :func:`received_scores_reference` (docs/spec.md "Scores") and
+:func:`group_pool_reference` (docs/spec.md "Group pool").
 
 Every test and benchmark imports its expected values from here; each is also the "reference"
 backend of its op. The benchmarks' *eager* baseline (the original code as written) is
@@ -20,6 +21,7 @@ from .compress import (
     target_positions,
     token_scores,
 )
+from .group_pool import group_labels, group_pool_reference
 from .scores import cls_scores_reference, received_scores_reference, segment_ids
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "cls_scores_reference",
     "compress_reference",
     "compress_reference_from_plan",
+    "group_labels",
+    "group_pool_reference",
     "member_positions",
     "merge_contextual",
     "normalize_rows",

@@ -31,7 +31,8 @@ every S (tested).
 7. each target's mean reads exactly its members' rows (R x C reads in all, no atomics, NaN-safe), 16
    rows a step as a (channels, 16) tile with 16-byte loads, summed elementwise into 16 slots and then
    by a fixed pairwise tree: the order never depends on the tile layout, so results are run-to-run
-   and split-to-split bit-identical.
+   and split-to-split bit-identical. Steps 6 and 7 are the segmented reduction group_pool shares
+   (``_segmented.py``).
 
 The received-attention form (no CLS, attn (B, H, N, N)) reads B*H*N*N elements: one program per image
 could not use the GPU's bandwidth, so a second kernel (``_received_attention_kernel``, grid
@@ -71,6 +72,7 @@ import triton.language as tl
 from .. import _backends, _extension
 from ..ops.compress import CompressPlan, CompressResult, check_compress_inputs, empty_outputs
 from . import _utils
+from ._segmented import member_lists, segment_sum
 from ._utils import next_pow2
 
 #: Largest token chunk of the selection phases (a power of 2). Tests lower it to cover the chunked path.
@@ -293,43 +295,11 @@ def _compress_kernel(
         tl.store(map_b + tok, (D + label).to(tl.int64), mask=pm & (CX > 0))
     tl.debug_barrier()
 
-    # ---- 7. members per target and group offsets (exclusive prefix over targets) ----------------
-    carry_off = tl.zeros([], dtype=tl.int32)
-    for t0 in range(0, CX, BLOCK_T):
-        t = t0 + offs_t
-        tm = t < CX
-        cnt = tl.zeros([BLOCK_T], dtype=tl.int32)
-        for p0 in range(0, R, BLOCK_P):
-            p = p0 + offs_p
-            member = (p < R) & ((p % STEP != 0) | (p // STEP >= CX))
-            lab = tl.load(lab_ws + p, mask=member, other=-1)
-            hit = (lab[:, None] == t[None, :]) & member[:, None]
-            cnt += tl.sum(hit.to(tl.int32), axis=0)
-        tl.store(cnt_ws + t, cnt, mask=tm)
-        tl.store(off_ws + t, carry_off + tl.cumsum(cnt, axis=0) - cnt, mask=tm)
-        carry_off += tl.sum(cnt, axis=0)
-    tl.debug_barrier()
-
-    # ---- 8. stable placement of the members into their groups -----------------------------------
-    for t0 in range(0, CX, BLOCK_T):
-        t = t0 + offs_t
-        tm = t < CX
-        off = tl.load(off_ws + t, mask=tm, other=0)
-        seen = tl.zeros([BLOCK_T], dtype=tl.int32)
-        for p0 in range(0, R, BLOCK_P):
-            p = p0 + offs_p
-            member = (p < R) & ((p % STEP != 0) | (p // STEP >= CX))
-            lab = tl.load(lab_ws + p, mask=member, other=-1)
-            tok = tl.load(rest_ws + p, mask=member, other=0)
-            hit = ((lab[:, None] == t[None, :]) & member[:, None]).to(tl.int32)
-            slot = off[None, :] + seen[None, :] + tl.cumsum(hit, axis=0) - 1
-            slot_p = tl.sum(tl.where(hit != 0, slot, 0), axis=1)
-            tl.store(mem_ws + slot_p, tok, mask=tl.sum(hit, axis=1) > 0)
-            seen += tl.sum(hit, axis=0)
-    tl.debug_barrier()
+    # ---- 7-8. members grouped by target: counts, offsets, stable placement (_segmented.py) ------
+    member_lists(lab_ws, rest_ws, cnt_ws, off_ws, mem_ws, R, CX, STEP, CX,
+                 TOKENS=True, BLOCK_P=BLOCK_P, BLOCK_G=BLOCK_T)
 
     # ---- 9. contextual rows: hidden[target] + sum(members) / max(count, 1) ----------------------
-    offs_m = tl.arange(0, 16)
     for t in range(0, CX):
         n_mem = tl.load(cnt_ws + t)
         first = tl.load(off_ws + t)
@@ -338,23 +308,7 @@ def _compress_kernel(
         for c0 in range(c_lo, c_hi, BLOCK_C):
             c = c0 + offs_c
             cm = c < c_hi
-            # Members in steps of 16 rows: a (BLOCK_C, 16) tile (channels contiguous: 16-byte
-            # loads, 16 rows in flight), accumulated elementwise (slot r sums members r, r + 16, ...
-            # in order), then a fixed pairwise tree over the 16 slots through reshape/split. Every
-            # addition is elementwise, so the order, and the bits, cannot depend on the tile layout,
-            # which changes with BLOCK_C and so with the channel split (tl.sum's order would).
-            acc = tl.zeros([BLOCK_C, 16], dtype=tl.float32)
-            for q0 in range(0, n_mem, 16):
-                q = q0 + offs_m
-                qm = q < n_mem
-                rows = tl.load(mem_ws + first + q, mask=qm, other=0).to(tl.int64)
-                acc += tl.load(hid_b + rows[None, :] * s_hn + c[:, None] * s_hc,
-                               mask=cm[:, None] & qm[None, :], other=0.0).to(tl.float32)
-            s0, s1 = tl.split(tl.reshape(acc, [BLOCK_C, 8, 2]))
-            s0, s1 = tl.split(tl.reshape(s0 + s1, [BLOCK_C, 4, 2]))
-            s0, s1 = tl.split(tl.reshape(s0 + s1, [BLOCK_C, 2, 2]))
-            s0, s1 = tl.split(s0 + s1)
-            total = s0 + s1
+            total = segment_sum(hid_b, s_hn, s_hc, mem_ws + first, n_mem, c, cm, BLOCK_C)
             th = tl.load(hid_b + trow * s_hn + c * s_hc, mask=cm, other=0.0).to(tl.float32)
             res = th + tl.div_rn(total, tl.zeros([BLOCK_C], dtype=tl.float32) + denom)
             tl.store(out_b + (D + t) * C + c, res.to(out_ptr.dtype.element_ty), mask=cm)

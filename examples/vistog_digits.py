@@ -198,19 +198,19 @@ class PretrainHead(nn.Module):
         return answers[:, QUADRANT_OF_PATCH] if self.objective == "patches" else answers
 
 
-def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, answers: torch.Tensor, cfg: Config) -> PretrainHead:
-    """Supervised pre-training with ``cfg.pretrain``'s objective (:class:`PretrainHead`, returned); the
-    tower is left frozen (eval, no gradients)."""
-    head = PretrainHead(cfg.hidden, cfg.pretrain)
-    params = list(tower.parameters()) + list(head.parameters())
+def fit(
+    params: list[nn.Parameter], n: int, epochs: int, seed: int, loss_of: Callable[[torch.Tensor], torch.Tensor],
+    desc: str, cfg: Config,
+) -> None:
+    """AdamW (weight decay 0.01) with a one-cycle schedule peaking at cfg.lr, over ``epochs`` passes of
+    n items in shuffled batches of cfg.batch (pass e shuffled with seed + e); ``loss_of(indices)``."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    steps = cfg.pretrain_epochs * len(_batches(len(pixels), cfg.batch, None))
+    steps = epochs * len(_batches(n, cfg.batch, None))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
-    tower.train()
-    bar = _bar(steps, f"pre-train tower ({cfg.pretrain})", cfg)
-    for epoch in range(cfg.pretrain_epochs):
-        for idx in _batches(len(pixels), cfg.batch, cfg.seed * 1000 + epoch):
-            loss = answer_loss(head(tower(pixels[idx])), head.targets(answers[idx]))
+    bar = _bar(steps, desc, cfg)
+    for epoch in range(epochs):
+        for idx in _batches(n, cfg.batch, seed + epoch):
+            loss = loss_of(idx)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -220,6 +220,16 @@ def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, answers: torch.Tensor
                 bar.set_postfix(loss=f"{loss.item():.3f}")
     if bar is not None:
         bar.close()
+
+
+def pretrain_tower(tower: nn.Module, pixels: torch.Tensor, answers: torch.Tensor, cfg: Config) -> PretrainHead:
+    """Supervised pre-training with ``cfg.pretrain``'s objective (:class:`PretrainHead`, returned); the
+    tower is left frozen (eval, no gradients)."""
+    head = PretrainHead(cfg.hidden, cfg.pretrain)
+    tower.train()
+    fit(list(tower.parameters()) + list(head.parameters()), len(pixels), cfg.pretrain_epochs, cfg.seed * 1000,
+        lambda idx: answer_loss(head(tower(pixels[idx])), head.targets(answers[idx])),
+        f"pre-train tower ({cfg.pretrain})", cfg)
     tower.eval().requires_grad_(False)
     return head.eval()
 
@@ -304,27 +314,13 @@ def train_method(
         def reduce_train(idx: torch.Tensor) -> torch.Tensor:
             return fixed({k: v[idx] for k, v in cache["train"].items()})
     params = list(head.parameters()) + ([p for p in module.parameters() if p.requires_grad] if module else [])
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
-    n = len(data["train_answers"])
-    steps = cfg.epochs * len(_batches(n, cfg.batch, None))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=steps, pct_start=0.1)
     start = time.perf_counter()
-    bar = _bar(steps, f"{method} M={n_tokens}", cfg)
     head.train()
     if module is not None:
         module.train()
-    for epoch in range(cfg.epochs):
-        for idx in _batches(n, cfg.batch, cfg.seed * 1000 + 100 + epoch):
-            loss = answer_loss(head(reduce_train(idx)), data["train_answers"][idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            if bar is not None:
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    if bar is not None:
-        bar.close()
+    answers = data["train_answers"]
+    fit(params, len(answers), cfg.epochs, cfg.seed * 1000 + 100,
+        lambda idx: answer_loss(head(reduce_train(idx)), answers[idx]), f"{method} M={n_tokens}", cfg)
     train_s = time.perf_counter() - start
     head.eval()
     correct, labels = 0, []

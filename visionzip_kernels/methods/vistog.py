@@ -156,6 +156,7 @@ class GroupingBlock(nn.Module):
         logits = self.q_proj(s) @ self.k_proj(x).transpose(1, 2) / math.sqrt(s.shape[-1])
         if noise is not None:
             logits = (logits + noise) / tau
+        # the one call to swap for the fused op: visionzip_kernels.group_pool(..., return_labels=True)
         pooled = _group_pool(logits, self.v_proj(x), eps=self.eps)
         out = self.proj(pooled.output) + s
         out = out + self.mlp(self.norm_mlp(out))
@@ -200,7 +201,8 @@ def tower_parts(tower: nn.Module) -> TowerParts:
         )
     for i, layer in enumerate(layers):
         missing = [p for p in _LAYER_PARTS if not hasattr(layer, p)]
-        missing += [f"self_attn.{p}" for p in _ATTN_PARTS if hasattr(layer, "self_attn") and not hasattr(layer.self_attn, p)]
+        attn = getattr(layer, "self_attn", None)
+        missing += [f"self_attn.{p}" for p in _ATTN_PARTS if attn is not None and not hasattr(attn, p)]
         if missing:
             raise TypeError(f"VisToG: encoder layer {i} ({type(layer).__name__}) lacks {', '.join(missing)}")
     return TowerParts(embeddings, getattr(root, "pre_layrnorm", None), layers, hasattr(embeddings, "class_embedding"))

@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 TRITON_VERSION := 3.7.1
 # Extras of pyproject.toml the development environment gets (versions pinned by requirements/lock.txt).
-EXTRAS := test triton transformers bench
+EXTRAS := test triton transformers bench examples
 export MAX_JOBS ?= 2
 
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.inc')

@@ -64,6 +64,20 @@ def check_bool(name: str, value: object) -> None:
         raise ValueError(f"{name} must be a bool (True or False); got {type(value).__name__} {value!r}")
 
 
+def feature_layer_depth(name: str, value: object, num_layers: int) -> int:
+    """Encoder layers that produce ``hidden_states[value]`` of a tower with ``num_layers`` layers
+    (hidden_states[0] is the embedding output; LLaVA's vision_feature_layer -2 -> num_layers - 1).
+    ValueError naming ``name`` unless ``value`` is an int selecting a layer output."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int; got {type(value).__name__} {value!r}")
+    depth = value if value >= 0 else num_layers + 1 + value
+    if not 1 <= depth <= num_layers:
+        raise ValueError(
+            f"{name} must select an encoder layer output (1..{num_layers} or -{num_layers}..-1); got {value}"
+        )
+    return depth
+
+
 def check_scale(scale: Optional[float]) -> None:
     """The softmax scale of the score ops: None (1/sqrt(d)) or a finite float."""
     if scale is None:

@@ -1,4 +1,4 @@
-"""Integrations of VisionZip into model libraries.
+"""Integrations of VisionZip (and VisToG, docs/vistog.md) into model libraries.
 
 ``visionzip_kernels.integrations.transformers`` patches loaded Hugging Face ``transformers``
 vision-language models (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL) so that the
@@ -15,8 +15,10 @@ __all__ = [
     "VisionZipHandle",
     "apply_visionzip",
     "apply_visionzip_processor",
+    "apply_vistog",
     "remove_visionzip",
     "remove_visionzip_processor",
+    "remove_vistog",
 ]
 
 

@@ -5,7 +5,10 @@ queries and keys), turns the queries and keys into token scores without an N x N
 (docs/spec.md "Scores"), and hands a :class:`Selection` to a *reducer*: the token-reduction method,
 which returns a :class:`Reduction` (the rows the language model receives, and the token each row
 stands for, which M-RoPE positions and layouts need). :class:`VisionZip` is the reducer of
-docs/spec.md "Compress"; another method is another :class:`Reducer`.
+docs/spec.md "Compress"; another method is another :class:`Reducer`. A method with learned tokens
+that ride through the tower beside the image tokens (:class:`VisToGReducer`, docs/vistog.md) declares
+them with :meth:`Reducer.side_car_tokens`; an integration that supports it runs them with isolated
+attention and hands their states at the selection layer in :attr:`Selection.side_car`.
 
 Nothing here imports transformers or vLLM.
 """
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from .. import _backends
 from .._validation import compute_dtype
+from ..methods.vistog import VisToG as VisToGModule
 from ..ops.compress import CompressResult, compress, default_contextual
 from ..ops.scores import cls_scores, received_scores
 
@@ -27,6 +31,8 @@ __all__ = [
     "Reducer",
     "Reduction",
     "Selection",
+    "SideCarTokens",
+    "VisToGReducer",
     "VisionZip",
     "mean_keys",
     "merge_unit_mean",
@@ -128,12 +134,28 @@ class Selection:
     scores: (B, N) token scores (:func:`selection_scores`).
     keys: (B, N, d) the merge metric (:func:`mean_keys`).
     has_cls: token 0 is a CLS token.
+    side_car: (B, M, C) states at the selection layer of the reducer's side-car tokens
+        (:meth:`Reducer.side_car_tokens`), or None when it declares none.
     """
 
     hidden: torch.Tensor
     scores: torch.Tensor
     keys: torch.Tensor
     has_cls: bool
+    side_car: Optional[torch.Tensor] = None
+
+
+@dataclass
+class SideCarTokens:
+    """Learned tokens a reducer runs through the vision tower beside the image tokens, with isolated
+    attention (image tokens never see them; docs/vistog.md "Isolated attention").
+
+    tokens: (M, C) the tokens as they enter the encoder (C = the tower's width).
+    attend_each_other: they attend to each other too, not only to the image tokens.
+    """
+
+    tokens: torch.Tensor
+    attend_each_other: bool = True
 
 
 @dataclass
@@ -142,13 +164,15 @@ class Reduction:
 
     features: (B, T, C) the rows the language model receives (before a projector, if any).
     kept_indices: (B, T) int64, the token each row stands for (for VisionZip: dominant tokens in
-        ascending index, then the contextual targets): the order M-RoPE positions are gathered in.
-    details: the method's own record (VisionZip: its CompressResult), or None.
+        ascending index, then the contextual targets): the order M-RoPE positions are gathered in;
+        -1 for a row that stands for no single token (a VisToG group).
+    details: the method's own record (VisionZip: its CompressResult; VisToG: its GroupingResult),
+        or None.
     """
 
     features: torch.Tensor
     kept_indices: torch.Tensor
-    details: Optional[CompressResult] = None
+    details: Any = None
 
 
 class Reducer(ABC):
@@ -174,6 +198,11 @@ class Reducer(ABC):
     def processor_hint(self) -> str:
         """How to make a processor emit ``tokens`` placeholders (appended to mismatch errors)."""
         return ""
+
+    def side_car_tokens(self) -> Optional[SideCarTokens]:
+        """Tokens to run beside the image tokens through the tower up to the selection layer (their
+        states arrive in ``Selection.side_car``); None (the default): the selection layer suffices."""
+        return None
 
 
 class VisionZip(Reducer):
@@ -244,3 +273,54 @@ class VisionZip(Reducer):
     def __repr__(self) -> str:
         return (f"VisionZip(budget={self.budget}, dominant={self.dominant}, contextual={self.contextual}, "
                 f"backend={self.backend!r})")
+
+
+class VisToGReducer(Reducer):
+    """VisToG (docs/vistog.md): the ``module``'s semantic tokens run beside the image tokens through
+    the tower (a side-car, isolated attention), then its grouping layer pools the selection layer's
+    patches (CLS excluded) into M = ``module.num_tokens`` rows per image, whatever the image size.
+
+    Args:
+        module: a trained :class:`visionzip_kernels.methods.vistog.VisToG` (no trained weights are
+            published: train it first). Its mode decides Gumbel noise (``module.eval()`` for inference).
+    """
+
+    name = "VisToG"
+
+    def __init__(self, module: VisToGModule) -> None:
+        if not isinstance(module, VisToGModule):
+            raise TypeError(
+                f"module must be a visionzip_kernels.methods.vistog.VisToG; got {type(module).__name__}"
+            )
+        self.module = module
+
+    @property
+    def num_tokens(self) -> int:
+        return self.module.num_tokens
+
+    def tokens(self, n: int) -> int:
+        return self.module.num_tokens
+
+    def side_car_tokens(self) -> SideCarTokens:
+        return SideCarTokens(self.module.semantic_tokens, self.module.semantic_attention)
+
+    def reduce(self, selection: Selection) -> Reduction:
+        if selection.side_car is None:
+            raise RuntimeError(
+                "VisToG needs its semantic tokens' states (Selection.side_car): the integration did not run "
+                "the side-car; this model family does not support VisToG"
+            )
+        patches = selection.hidden[:, 1:] if selection.has_cls else selection.hidden
+        res = self.module.group(selection.side_car, patches)
+        kept = torch.full(res.tokens.shape[:2], -1, dtype=torch.int64, device=res.tokens.device)
+        return Reduction(res.tokens.to(selection.hidden.dtype), kept, res)
+
+    def processor_hint(self) -> str:
+        return (
+            "The processor that built these inputs was not patched for VisToG: use "
+            f"apply_vistog(model, module, processor=processor) or apply_vistog_processor(processor, module) "
+            f"({self.num_tokens} per image)."
+        )
+
+    def __repr__(self) -> str:
+        return f"VisToGReducer(num_tokens={self.num_tokens}, semantic_attention={self.module.semantic_attention})"

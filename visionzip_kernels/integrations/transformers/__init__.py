@@ -17,6 +17,10 @@ reducer (``visionzip_kernels.integrations.core``): :func:`apply_visionzip` appli
 :class:`~visionzip_kernels.integrations.core.VisionZip`; :func:`apply_reducer` applies any reducer.
 Layouts per model: ``docs/transformers.md``.
 
+VisToG (docs/vistog.md, LLaVA-1.5 family): :func:`apply_vistog` with a trained
+:class:`~visionzip_kernels.methods.vistog.VisToG` module feeds M grouped tokens per image;
+:func:`remove_vistog` undoes it.
+
 The processor must emit as many image placeholders as the model now produces:
 :func:`apply_visionzip_processor` (or ``apply_visionzip(..., processor=...)``) patches its
 ``replace_image_token``; a patched model fed an unpatched processor's input raises a ``ValueError`` that
@@ -29,9 +33,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..core import Reducer, VisionZip
+from ...methods.vistog import VisToG
+from ..core import Reducer, VisionZip, VisToGReducer
 from . import llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (register their families)
-from ._core import HANDLE_ATTR, Handle, model_family, output_class, patch_processor, processor_family
+from ._core import FAMILIES, HANDLE_ATTR, Handle, model_family, output_class, patch_processor, processor_family
 from ._core import remove_processor_patch as remove_visionzip_processor
 
 #: The handle :func:`apply_visionzip` returns.
@@ -43,8 +48,11 @@ __all__ = [
     "apply_reducer",
     "apply_visionzip",
     "apply_visionzip_processor",
+    "apply_vistog",
+    "apply_vistog_processor",
     "remove_visionzip",
     "remove_visionzip_processor",
+    "remove_vistog",
 ]
 
 
@@ -57,16 +65,33 @@ def __getattr__(name: str) -> Any:
 def apply_reducer(model: torch.nn.Module, reducer: Reducer, *, processor: Any = None, **options: Any) -> Handle:
     """Patch one loaded model instance so that its LLM receives the rows ``reducer`` makes of each
     image (see :func:`apply_visionzip`); ``options`` are the family's (e.g. LLaVA-NeXT's ``layout``)."""
-    if HANDLE_ATTR in model.__dict__:
-        raise RuntimeError("VisionZip is already applied to this model; call remove_visionzip(model) first")
+    current = model.__dict__.get(HANDLE_ATTR)
+    if current is not None:
+        raise RuntimeError(
+            f"{current.reducer.name} is already applied to this model; call remove_"
+            f"{current.reducer.name.lower()}(model) first"
+        )
     family, base = model_family(model)
+    side_car = reducer.side_car_tokens()
+    if side_car is not None:
+        if not family.side_car:
+            raise NotImplementedError(
+                f"{reducer.name}: model family {family.name} does not run side-car tokens through its tower; "
+                f"supported: {', '.join(sorted({f.name for f in FAMILIES.values() if f.side_car}))}"
+            )
+        tower_param = next(base.vision_tower.parameters())
+        if side_car.tokens.device != tower_param.device:
+            raise ValueError(
+                f"{reducer.name}: the module is on {side_car.tokens.device} but the vision tower is on "
+                f"{tower_param.device}; move it with module.to({str(tower_param.device)!r})"
+            )
     handle = Handle(model, family, reducer, options)
     try:
         family.patch(handle, base)
         if processor is not None:
             if processor_family(processor) is not family:
                 raise TypeError(
-                    f"VisionZip: processor {type(processor).__name__} does not match model family {family.name}"
+                    f"{reducer.name}: processor {type(processor).__name__} does not match model family {family.name}"
                 )
             patch_processor(processor, reducer, options)
             handle.processor = processor
@@ -121,8 +146,49 @@ def apply_visionzip_processor(processor: Any, budget: int = 64, *, layout: Optio
 
 
 def remove_visionzip(model: torch.nn.Module) -> None:
-    """Undo :func:`apply_visionzip` on ``model`` exactly (raises if it is not patched)."""
+    """Undo :func:`apply_visionzip` (or any :func:`apply_reducer`) on ``model`` exactly (raises if it
+    is not patched)."""
     handle = model.__dict__.get(HANDLE_ATTR)
     if handle is None:
         raise ValueError("VisionZip is not applied to this model")
+    handle.remove()
+
+
+def apply_vistog(model: torch.nn.Module, module: VisToG, *, processor: Any = None) -> Handle:
+    """Patch one loaded LLaVA-1.5 model instance so that its LLM receives ``module.num_tokens`` (M)
+    VisToG tokens per image (docs/vistog.md).
+
+    The vision tower runs unmodified (its own attention implementation); the semantic tokens ride
+    beside it with isolated attention up to ``vision_feature_layer`` (a side-car), the grouping layer
+    pools that layer's patches into M rows, and the projector maps them. The module is used as is
+    (not copied, not registered in the model): its mode decides Gumbel noise (``module.eval()`` for
+    inference), it must sit on the tower's device (any float dtype: inputs are cast to it), and
+    training it through the model works (gradients reach the module; the tower needs none).
+
+    Args:
+        model: a ``LlavaForConditionalGeneration`` (or its ``LlavaModel``), already loaded.
+        module: a trained :class:`~visionzip_kernels.methods.vistog.VisToG` of the tower's width.
+        processor: optional processor to patch as well (emits M placeholders per image).
+
+    Returns:
+        The handle; :func:`remove_vistog` or ``handle.remove()`` undoes the patch exactly.
+    """
+    reducer = VisToGReducer(module)
+    width = model_family(model)[1].config.vision_config.hidden_size
+    if module.hidden_size != width:
+        raise ValueError(f"module.hidden_size is {module.hidden_size} but the vision tower's width is {width}")
+    return apply_reducer(model, reducer, processor=processor)
+
+
+def apply_vistog_processor(processor: Any, module: VisToG) -> Any:
+    """Make ``processor`` emit ``module.num_tokens`` placeholders per image (in place); undo with
+    :func:`remove_visionzip_processor`."""
+    return patch_processor(processor, VisToGReducer(module))
+
+
+def remove_vistog(model: torch.nn.Module) -> None:
+    """Undo :func:`apply_vistog` on ``model`` exactly (raises if VisToG is not applied)."""
+    handle = model.__dict__.get(HANDLE_ATTR)
+    if handle is None or not isinstance(handle.reducer, VisToGReducer):
+        raise ValueError("VisToG is not applied to this model")
     handle.remove()

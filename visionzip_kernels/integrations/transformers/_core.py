@@ -14,7 +14,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..core import Reducer, Selection, mean_keys, selection_scores, split_heads
+from ..._validation import feature_layer_depth
+from ...methods.vistog import GroupingResult, SideCar
+from ..core import Reducer, Selection, SideCarTokens, mean_keys, selection_scores, split_heads
 
 HANDLE_ATTR = "_visionzip_handle"
 PROCESSOR_ATTR = "_visionzip_processor_state"
@@ -31,16 +33,18 @@ class Family:
     """A model family: the ``config.model_type`` values it serves, the processor classes that go with
     it, how to patch the base model (the object holding ``get_image_features``), the number of
     placeholders per image (``image_tokens(processor, image_inputs, image_idx, reducer, options)``)
-    and per video (``video_tokens``, same arguments; None: videos are not supported), and its
-    options with their defaults (e.g. LLaVA-NeXT's ``layout``)."""
+    and the placeholder text per video (``video_tokens``, same arguments; None: videos are not
+    supported), its options with their defaults (e.g. LLaVA-NeXT's ``layout``), and whether its patch
+    runs a reducer's side-car tokens through the tower (``side_car``)."""
 
     name: str
     model_types: tuple[str, ...]
     processor_classes: tuple[str, ...]
     patch: Callable[["Handle", torch.nn.Module], None]
     image_tokens: Callable[[Any, dict, int, Reducer, dict], int]
-    video_tokens: Optional[Callable[[Any, dict, int, Reducer, dict], int]] = None
+    video_tokens: Optional[Callable[[Any, dict, int, Reducer, dict], str]] = None
     defaults: tuple[tuple[str, Any, tuple], ...] = ()  # (option, default, allowed values)
+    side_car: bool = False
 
     def resolve_options(self, options: dict) -> dict:
         """The family's options: ``options`` checked against the allowed values, defaults filled in."""
@@ -207,30 +211,32 @@ def selection_layer(tower: torch.nn.Module, vision_feature_layer: Any) -> torch.
             f"VisionZip supports a single int vision_feature_layer; got {vision_feature_layer!r}"
         )
     layers = encoder_layers(tower)
-    n = len(layers)
-    idx = vision_feature_layer if vision_feature_layer >= 0 else n + 1 + vision_feature_layer
-    if not 1 <= idx <= n:
-        raise ValueError(
-            f"VisionZip needs vision_feature_layer to select an encoder layer output (1..{n} or -{n}..-1); "
-            f"got {vision_feature_layer}"
-        )
-    return layers[idx - 1]
+    return layers[feature_layer_depth("vision_feature_layer", vision_feature_layer, len(layers)) - 1]
 
 
 def run_clip_like_tower(
-    tower: torch.nn.Module, pixel_values: torch.Tensor, layer: torch.nn.Module, has_cls: bool, **kwargs: Any
+    tower: torch.nn.Module, pixel_values: torch.Tensor, layer: torch.nn.Module, has_cls: bool,
+    side_car: Optional[SideCarTokens] = None, **kwargs: Any,
 ) -> tuple[Any, Selection]:
     """Run a CLIP / SigLIP tower with its own attention implementation, capturing ``layer``'s output
-    and q / k projections. Returns (tower output, selection of that layer)."""
+    and q / k projections. With ``side_car``, its tokens also run beside the image tokens up to
+    ``layer`` with isolated attention (:class:`~visionzip_kernels.methods.vistog.SideCar`; the tower's
+    outputs are unchanged). Returns (tower output, selection of that layer)."""
     attn = layer.self_attn
     with Capture() as cap:
         cap.output(attn.q_proj, "q")
         cap.output(attn.k_proj, "k")
         cap.output(layer, "hidden")
-        out = tower(pixel_values, return_dict=True, **kwargs)
+        if side_car is None:
+            out = tower(pixel_values, return_dict=True, **kwargs)
+        else:
+            depth = next(i for i, x in enumerate(encoder_layers(tower)) if x is layer) + 1
+            with SideCar(tower, side_car.tokens, depth=depth, semantic_attention=side_car.attend_each_other) as car:
+                out = tower(pixel_values, return_dict=True, **kwargs)
     q, k = split_heads(cap["q"], attn.num_heads), split_heads(cap["k"], attn.num_heads)
     scores = selection_scores(q, k, attn.scale, has_cls=has_cls)
-    return out, Selection(cap["hidden"], scores, mean_keys(k), has_cls)
+    states = None if side_car is None else car.output
+    return out, Selection(cap["hidden"], scores, mean_keys(k), has_cls, side_car=states)
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,6 +348,8 @@ def _make_output_class() -> type:
             indices of the compress call (rows = crops for LLaVA-NeXT / OneVision, 1 row otherwise).
         kept_indices: per image, (k,) int64 index of the token each output row stands for
             (dominant indices, then contextual targets): the row order fed to the LLM.
+        group_labels / group_counts: VisToG only, per image, the (patches,) semantic token each patch
+            was assigned to and the (M,) patches per semantic token.
         grid_thw: Qwen only, the (num_images, 3) grid of the images.
         source_features: Qwen only, the per-image features as produced (the same tensor objects as
             pooler_output until ``generate`` repeats images per beam / returned sequence, which
@@ -355,6 +363,8 @@ def _make_output_class() -> type:
         contextual_indices: Optional[list] = None
         token_map: Optional[list] = None
         kept_indices: Optional[list] = None
+        group_labels: Optional[list] = None
+        group_counts: Optional[list] = None
         grid_thw: Optional[torch.Tensor] = None
         source_features: Optional[tuple] = None
         row_order: Optional[list] = None
@@ -377,14 +387,17 @@ def output_class() -> type:
 
 
 def per_image_fields(details_rows: Any, split: Optional[list[int]] = None) -> dict:
-    """dominant_indices / contextual_indices / token_map of a CompressResult, per image (rows
-    grouped by ``split`` when an image spans several rows, e.g. crops)."""
+    """The output fields of a reducer's record, per image (rows grouped by ``split`` when an image
+    spans several rows, e.g. crops): dominant_indices / contextual_indices / token_map of a
+    CompressResult, group_labels / group_counts of a VisToG GroupingResult."""
     if details_rows is None:
         return {}
 
     def per(t: torch.Tensor) -> list:
         return list(t.split(split)) if split is not None else list(t.unbind(0))
 
+    if isinstance(details_rows, GroupingResult):
+        return dict(group_labels=per(details_rows.labels), group_counts=per(details_rows.counts))
     return dict(
         dominant_indices=per(details_rows.dominant_indices),
         contextual_indices=per(details_rows.contextual_indices),

@@ -1,5 +1,6 @@
 """LLaVA-1.5 (``model_type`` "llava": CLIP tower, CLS kept): the projector receives the reduced rows
-of the selection layer (``vision_feature_layer``) instead of its 576 patches."""
+of the selection layer (``vision_feature_layer``) instead of its 576 patches. The one family that runs
+a reducer's side-car tokens (VisToG's semantic tokens) through the tower."""
 
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def patch(handle: Handle, base: torch.nn.Module) -> None:
         layer_index = config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         layer = selection_layer(tower, layer_index)
         kwargs.pop("return_dict", None)
-        out, selection = run_clip_like_tower(tower, pixel_values, layer, has_cls=True, **kwargs)
+        out, selection = run_clip_like_tower(tower, pixel_values, layer, has_cls=True,
+                                             side_car=handle.reducer.side_car_tokens(), **kwargs)
         reduced = handle.reducer.reduce(selection)
         features = projector(reduced.features)
         return output_cls(
@@ -71,4 +73,4 @@ def image_tokens(processor: Any, image_inputs: dict, image_idx: int, reducer: Re
     return reducer.tokens(clip_tokens(size, getattr(processor, "patch_size", None)))
 
 
-FAMILY = register_family(Family("llava", ("llava",), ("LlavaProcessor",), patch, image_tokens))
+FAMILY = register_family(Family("llava", ("llava",), ("LlavaProcessor",), patch, image_tokens, side_car=True))

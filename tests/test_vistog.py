@@ -15,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import visionzip_kernels as vz  # noqa: E402
 from visionzip_kernels.methods import vistog as vt  # noqa: E402
 from visionzip_kernels.methods.vistog import SideCar, VisToG, isolation_mask, masked_forward  # noqa: E402
 
@@ -50,67 +51,31 @@ def pixels(b: int = 2, seed: int = 1) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Grouping math (the private stand-in of visionzip_kernels.group_pool)
+# Grouping layer (its math is the group_pool op, tested in tests/test_group_pool.py)
 # --------------------------------------------------------------------------------------------
 
 
-def test_group_pool_forward_labels_counts_and_empty_group():
-    logits = torch.tensor([[[1.0, 0.0, 2.0, 0.0], [3.0, 0.0, 2.0, 0.0], [0.0, 5.0, 1.0, 0.0]]])  # (1, M=3, N=4)
-    values = torch.arange(8.0).view(1, 4, 2)
-    res = vt._group_pool(logits, values, eps=1.0)
-    # column 2 ties m=0 and m=1 -> lower m; column 3 ties all -> 0
-    assert res.labels.tolist() == [[1, 2, 0, 0]]
-    assert res.counts.tolist() == [[2, 1, 1]] and res.counts.dtype == torch.int64
-    expected = torch.stack([(values[0, 2] + values[0, 3]) / 3, values[0, 0] / 2, values[0, 1] / 2])
-    torch.testing.assert_close(res.output[0], expected, rtol=0, atol=0)
-    # an empty group gives a zero row (finite thanks to eps)
-    res = vt._group_pool(torch.tensor([[[1.0, 1.0], [0.0, 0.0]]]), values[:, :2], eps=1e-6)
-    assert res.counts.tolist() == [[2, 0]] and torch.equal(res.output[0, 1], torch.zeros(2))
-
-
-def test_group_pool_nan_ranks_lowest():
-    nan, inf = float("nan"), float("inf")
-    logits = torch.tensor([[[nan, nan, -inf, 0.0], [1.0, nan, nan, nan], [0.5, nan, -inf, nan]]])
-    labels = vt._group_pool(logits, torch.ones(1, 4, 1), eps=1.0).labels
-    # NaN below every number (-inf included); a column of NaN only -> 0; ties -> lower m
-    assert labels.tolist() == [[1, 0, 0, 0]]
-    assert torch.argmax(logits[0, :, 0]).item() == 0  # torch.argmax alone would pick the NaN
-
-
-def _straight_through_grads(logits, values, eps, g):
-    """The straight-through gradients written out (count without gradient)."""
-    labels = vt._assignment_labels(logits)
-    m = logits.shape[1]
-    hard = torch.nn.functional.one_hot(labels, m).transpose(1, 2).to(values.dtype)
-    denom = hard.sum(-1) + eps  # (B, M)
-    gv = hard.transpose(1, 2) @ (g / denom[..., None])  # (B, N, C)
-    big_g = (g @ values.transpose(1, 2)) / denom[..., None]  # (B, M, N): dL/dassign
-    soft = logits.softmax(1)
-    gl = soft * (big_g - (soft * big_g).sum(1, keepdim=True))
-    return gl, gv
-
-
-def test_group_pool_straight_through_gradient_float64():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5, 40, dtype=torch.float64, generator=gen, requires_grad=True)
-    values = torch.randn(3, 40, 7, dtype=torch.float64, generator=gen, requires_grad=True)
-    g = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen)
-    out = vt._group_pool(logits, values, eps=0.5).output
-    gl, gv = torch.autograd.grad(out, (logits, values), g)
-    el, ev = _straight_through_grads(logits.detach(), values.detach(), 0.5, g)
-    torch.testing.assert_close(gl, el, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(gv, ev, rtol=1e-10, atol=1e-10)
-    # forward values are exactly the hard ones (no rounding from the straight-through term)
-    with torch.no_grad():
-        assert torch.equal(out, vt._group_pool(logits, values, eps=0.5).output)
-    # negative control: GroupViT's normalisation by the straight-through sum has another logits gradient
-    soft = logits.softmax(1)
-    hard = torch.nn.functional.one_hot(vt._assignment_labels(logits), 5).transpose(1, 2).double()
-    a = hard + (soft - soft.detach())
-    other = (a / (a.sum(-1, keepdim=True) + 0.5)) @ values
-    torch.testing.assert_close(other, out)
-    gl_other = torch.autograd.grad(other, logits, g)[0]
-    assert not torch.allclose(gl_other, el, rtol=1e-6, atol=1e-8)
+def test_grouping_block_pools_with_the_group_pool_op_float64():
+    """The grouping layer's rows and gradients are those of the group_pool oracle (hard assignment,
+    GroupViT's straight-through gradient for the logits) around its projections, in float64."""
+    torch.manual_seed(0)
+    block = vt.GroupingBlock(16, eps=1.0).double()
+    tokens = torch.randn(2, 5, 16, dtype=torch.float64, requires_grad=True)
+    patches = torch.randn(2, 40, 16, dtype=torch.float64)
+    res = block(tokens, patches)
+    s, x = block.norm_tokens(tokens), block.norm_patches(patches)
+    logits = block.q_proj(s) @ block.k_proj(x).transpose(1, 2) / 4.0
+    ref = vz.group_pool_reference(logits, block.v_proj(x), eps=1.0)
+    out = block.proj(ref.output) + s
+    out = out + block.mlp(block.norm_mlp(out))
+    torch.testing.assert_close(res.tokens, out, rtol=1e-12, atol=1e-12)
+    assert torch.equal(res.labels, ref.labels) and torch.equal(res.counts, ref.counts)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(res.tokens, (tokens, block.q_proj.weight), g)
+    want = torch.autograd.grad(out, (tokens, block.q_proj.weight), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert want[1].abs().sum() > 0  # the assignment (q / k) is trained through the straight-through term
 
 
 # --------------------------------------------------------------------------------------------

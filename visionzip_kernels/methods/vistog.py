@@ -9,9 +9,8 @@ which follow GroupViT's grouping block is docs/vistog.md "Stated and inferred".
 
 Pieces, top to bottom:
 
-- :func:`_group_pool`: the grouping math (hard argmax assignment, mean per group, straight-through
-  gradient). The one place that ``visionzip_kernels.group_pool`` replaces.
-- :class:`GroupingBlock`: the grouping layer (norms, q / k / v, assignment, projection, residual, MLP).
+- :class:`GroupingBlock`: the grouping layer (norms, q / k / v, the hard assignment and pooling of
+  ``visionzip_kernels.group_pool`` with its straight-through gradient, projection, residual, MLP).
 - :class:`VisToG`: semantic tokens + grouping block; ``save`` / ``load``.
 - Isolated attention two ways: :func:`isolation_mask` / :func:`masked_forward` (one boolean mask,
   every layer re-run; for tests) and :class:`SideCar` (the tower runs unmodified, with its own
@@ -28,16 +27,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validation import compute_dtype, feature_layer_depth
+from .._validation import feature_layer_depth
+from ..ops.group_pool import group_pool
 
 __all__ = [
-    "GroupPoolResult",
     "GroupingBlock",
     "GroupingResult",
     "SideCar",
@@ -55,47 +54,6 @@ _FORMAT = "visionzip_kernels.VisToG/1"
 # --------------------------------------------------------------------------------------------
 # Grouping math
 # --------------------------------------------------------------------------------------------
-
-
-class GroupPoolResult(NamedTuple):
-    """output (B, M, C) in values' dtype; labels (B, N) int64; counts (B, M) int64."""
-
-    output: torch.Tensor
-    labels: torch.Tensor
-    counts: torch.Tensor
-
-
-def _assignment_labels(logits: torch.Tensor) -> torch.Tensor:
-    """(B, M, N) -> (B, N) int64: argmax over m, ties to the lower m, NaN below every number (the
-    rules of compress). torch.argmax alone would rank NaN highest."""
-    best = torch.where(torch.isnan(logits), float("-inf"), logits).amax(dim=1, keepdim=True)
-    hit = logits == best  # NaN equals nothing; a column of only NaN has no hit and gets 0
-    return hit.to(torch.uint8).argmax(dim=1)  # first maximum = lowest m
-
-
-def _group_pool(logits: torch.Tensor, values: torch.Tensor, *, eps: float) -> GroupPoolResult:
-    """Dense float reference of the ``group_pool`` contract; swap for ``visionzip_kernels.group_pool``.
-
-    label_j = argmax over m of logits[b, m, j]; out_m = sum over label == m of values_j / (count_m + eps).
-    Gradient (straight-through): out = (hard + soft - soft.detach()) @ values / (count + eps) with
-    hard the one-hot of the labels, soft = softmax over m of the logits, count the hard count (no
-    gradient). Forward values are exactly the hard ones.
-
-    Args:
-        logits: (B, M, N) assignment logits.
-        values: (B, N, C) rows to pool.
-        eps: added to every count (> 0 keeps an empty group finite: its row is 0).
-    """
-    m = logits.shape[1]
-    labels = _assignment_labels(logits)
-    hard = F.one_hot(labels, m).transpose(1, 2).to(values.dtype)  # (B, M, N)
-    assign = hard
-    if torch.is_grad_enabled() and logits.requires_grad:
-        soft = logits.to(compute_dtype(logits.dtype)).softmax(dim=1).to(values.dtype)
-        assign = hard + (soft - soft.detach())  # exactly `hard` in value: the bracket is 0
-    counts = hard.sum(dim=-1)
-    out = (assign @ values) / (counts + eps).unsqueeze(-1)
-    return GroupPoolResult(out, labels, counts.long())
 
 
 def gumbel_noise(like: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -156,8 +114,8 @@ class GroupingBlock(nn.Module):
         logits = self.q_proj(s) @ self.k_proj(x).transpose(1, 2) / math.sqrt(s.shape[-1])
         if noise is not None:
             logits = (logits + noise) / tau
-        # the one call to swap for the fused op: visionzip_kernels.group_pool(..., return_labels=True)
-        pooled = _group_pool(logits, self.v_proj(x), eps=self.eps)
+        # hard assignment and pooling, GroupViT's straight-through gradient (docs/spec.md "Group pool")
+        pooled = group_pool(logits, self.v_proj(x), eps=self.eps, return_labels=True)
         out = self.proj(pooled.output) + s
         out = out + self.mlp(self.norm_mlp(out))
         return GroupingResult(out, pooled.labels, pooled.counts, logits)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..core import Reducer, Selection, mean_keys, merge_unit_mean, selection_scores
+from ..core import Reducer, Selection, expand_runs, merged_unit_selection
 from ._core import Capture, Family, Handle, output_class, patch_placeholder_check, register_family
 
 
@@ -38,14 +38,7 @@ def unit_scores_and_keys(
     q, k, _ = qkv.reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, d)
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     q_rot, k_rot = rotate(q, k, cos, sin)  # scores see the attention the block computes (RoPE'd)
-    # Packed images attend within themselves (cu_seqlens): one received-attention pass over all.
-    scores = selection_scores(q_rot.transpose(0, 1)[None], k_rot.transpose(0, 1)[None], attn.scaling,
-                              has_cls=False, cu_seqlens=cu_seqlens)[0]
-    unit = visual.spatial_merge_size**2
-    # Keys for the cosine metric: projections without RoPE (a rotation would make similarity positional).
-    keys = mean_keys(k.transpose(0, 1)[None])[0]
-    unit_scores = merge_unit_mean(scores, unit)
-    unit_keys = merge_unit_mean(keys, unit)
+    order = None
     if getattr(visual, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: undo the window order
         from transformers.vision_utils import get_vision_window_index
 
@@ -53,9 +46,8 @@ def unit_scores_and_keys(
             grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
             patch_size=visual.patch_size,
         )
-        reverse = torch.argsort(window_index.to(unit_scores.device))
-        unit_scores, unit_keys = unit_scores[reverse], unit_keys[reverse]
-    return unit_scores, unit_keys
+        order = torch.argsort(window_index.to(qkv.device))
+    return merged_unit_selection(q_rot, k_rot, k, attn.scaling, cu_seqlens, visual.spatial_merge_size**2, order)
 
 
 def image_runs(types_row: torch.Tensor, valid_row: torch.Tensor) -> list[tuple[int, int]]:
@@ -97,9 +89,10 @@ def rope_index(
     rows, index_maps = [], []
     image = 0
     for b in range(batch):
-        pieces_ids, pieces_types, pieces_valid, index_map = [], [], [], []
-        cursor, expanded = 0, 0
-        for start, end in image_runs(mm_token_type_ids[b], valid[b]):
+        pieces_ids, pieces_types, pieces_valid, orders, fulls = [], [], [], [], []
+        cursor = 0
+        runs = image_runs(mm_token_type_ids[b], valid[b])
+        for start, end in runs:
             run, full = end - start, units[image]
             if run > full:
                 raise ValueError(
@@ -111,21 +104,18 @@ def rope_index(
                     f"VisionZip: image {image} has {run} placeholder tokens but {order.numel()} reduced "
                     f"tokens. " + hint
                 )
-            text = start - cursor
             pieces_ids += [input_ids[b, cursor:start], input_ids.new_full((full,), int(input_ids[b, start]))]
             pieces_types += [mm_token_type_ids[b, cursor:start], mm_token_type_ids.new_ones(full)]
             pieces_valid += [valid[b, cursor:start], valid.new_ones(full)]
-            index_map += [torch.arange(text, device=device) + expanded, order + expanded + text]
-            expanded += text + full
+            orders.append(order)
+            fulls.append(full)
             cursor = end
             image += 1
-        tail = length - cursor
         pieces_ids.append(input_ids[b, cursor:])
         pieces_types.append(mm_token_type_ids[b, cursor:])
         pieces_valid.append(valid[b, cursor:])
-        index_map.append(torch.arange(tail, device=device) + expanded)
         rows.append((torch.cat(pieces_ids), torch.cat(pieces_types), torch.cat(pieces_valid)))
-        index_maps.append(torch.cat(index_map))
+        index_maps.append(expand_runs(length, runs, fulls, orders).to(device))
     width = max(r[0].numel() for r in rows)
     ids = input_ids.new_zeros(batch, width)
     types = mm_token_type_ids.new_zeros(batch, width)

@@ -1,4 +1,4 @@
-"""End-to-end prefill benchmark of VisionZip in a transformers LLaVA model (issue 7).
+"""End-to-end prefill benchmark of VisionZip in a transformers LLaVA model.
 
 A mid-size random-weight LLaVA: CLIP ViT-L/14 at 336 px (24 layers, width 1024, 577 tokens) and a
 Llama of hidden 1024 (12 layers, ~150 M parameters without embeddings; ``--llm 7b`` for LLaVA-1.5-7B's

@@ -13,12 +13,27 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
+from tests.tf_models import (  # noqa: E402
+    IMAGE,
+    PROMPT,
+    QWEN_PROMPT,
+    LMInputs,
+    build_llava,
+    build_llava_next,
+    build_onevision,
+    build_qwen,
+    capture_clip_layer,
+    gen,
+    image,
+    image_rows,
+    oracle_from_capture,
+    qwen_oracle,
+)
 from visionzip_kernels import cls_scores_reference, compress_reference  # noqa: E402
 from visionzip_kernels.integrations.transformers import (  # noqa: E402
     apply_visionzip,
@@ -27,165 +42,6 @@ from visionzip_kernels.integrations.transformers import (  # noqa: E402
     remove_visionzip_processor,
 )
 
-IMAGE, VIDEO = 4, 5
-WORDS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>", "<|vision_start|>", "<|vision_end|>",
-         "USER:", "ASSISTANT:", "what", "is", "this", "?", "and", "now", "describe", "it"]
-PROMPT = "USER: <image> what is this ? ASSISTANT:"
-
-
-def _tokenizer(image_token: str = "<image>", video_token: str = "<video>"):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = list(WORDS)
-    words[IMAGE], words[VIDEO] = image_token, video_token
-    vocab = {w: i for i, w in enumerate(words)}
-    for i in range(40):
-        vocab[f"w{i}"] = len(vocab)
-    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="</s>", padding_side="left",
-        extra_special_tokens={"image_token": image_token, "video_token": video_token},
-    )
-
-
-def _no_video_processor(cls):
-    """The processor class without the video-processor check (video processors need torchvision)."""
-
-    class Processor(cls):
-        def check_argument_for_proper_class(self, name, arg):
-            return None if arg is None else super().check_argument_for_proper_class(name, arg)
-
-    return Processor
-
-
-def _image(seed: int, h: int, w: int) -> np.ndarray:
-    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
-
-
-def _text_config(cls, vocab: int):
-    return cls(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=1024)
-
-
-# --------------------------------------------------------------------------------------------
-# Model builders
-# --------------------------------------------------------------------------------------------
-
-
-def build_llava(attn: str = "sdpa", seed: int = 0):
-    tok = _tokenizer()
-    ip = transformers.CLIPImageProcessor(size={"shortest_edge": 70}, crop_size={"height": 70, "width": 70})
-    proc = transformers.LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
-                                       vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                       num_attention_heads=4, image_size=70, patch_size=14)
-    cfg = transformers.LlavaConfig(vision_config=vc, text_config=_text_config(transformers.LlamaConfig, len(tok)),
-                                   image_token_id=IMAGE, vision_feature_layer=-2,
-                                   vision_feature_select_strategy="default")
-    torch.manual_seed(seed)
-    model = transformers.LlavaForConditionalGeneration(cfg).eval()
-    model.model.vision_tower.set_attn_implementation(attn)
-    return model, proc
-
-
-def build_llava_next(seed: int = 0):
-    tok = _tokenizer()
-    pins = [[42, 42], [42, 84], [84, 42], [84, 84]]
-    ip = transformers.LlavaNextImageProcessor(size={"shortest_edge": 42}, crop_size={"height": 42, "width": 42},
-                                              image_grid_pinpoints=pins)
-    proc = transformers.LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
-                                           vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    vc = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                       num_attention_heads=4, image_size=42, patch_size=14)
-    cfg = transformers.LlavaNextConfig(vision_config=vc, text_config=_text_config(transformers.LlamaConfig, len(tok)),
-                                       image_token_id=IMAGE, image_grid_pinpoints=pins, vision_feature_layer=-2)
-    torch.manual_seed(seed)
-    return transformers.LlavaNextForConditionalGeneration(cfg).eval(), proc
-
-
-def build_onevision(seed: int = 0):
-    tok = _tokenizer()
-    pins = [[42, 42], [42, 84], [84, 42], [84, 84]]
-    ip = transformers.LlavaOnevisionImageProcessor(size={"height": 42, "width": 42}, image_grid_pinpoints=pins)
-    proc = _no_video_processor(transformers.LlavaOnevisionProcessor)(
-        image_processor=ip, tokenizer=tok, num_image_tokens=9, vision_feature_select_strategy="full")
-    vc = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                         num_attention_heads=4, image_size=42, patch_size=14)
-    cfg = transformers.LlavaOnevisionConfig(
-        vision_config=vc, text_config=_text_config(transformers.Qwen2Config, len(tok)), image_token_id=IMAGE,
-        video_token_id=VIDEO, image_grid_pinpoints=pins, vision_feature_layer=-2,
-        vision_feature_select_strategy="full")
-    torch.manual_seed(seed)
-    return transformers.LlavaOnevisionForConditionalGeneration(cfg).eval(), proc
-
-
-def build_qwen(version: str, seed: int = 0):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    tok = _tokenizer("<|image_pad|>", "<|video_pad|>")
-    ip = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=168 * 168, patch_size=14, merge_size=2,
-                                  temporal_patch_size=2)
-    text = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
-    ids = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=6, vision_end_token_id=7)
-    if version == "2":
-        proc_cls, model_cls = transformers.Qwen2VLProcessor, transformers.Qwen2VLForConditionalGeneration
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=4, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        cfg = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    else:
-        proc_cls, model_cls = transformers.Qwen2_5_VLProcessor, transformers.Qwen2_5_VLForConditionalGeneration
-        # 3 blocks, block 1 full attention, windows of 2x2 merge units: the window order is exercised.
-        vision = dict(depth=3, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=4,
-                      fullatt_block_indexes=[1], window_size=56, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2)
-        cfg = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids)
-    proc = _no_video_processor(proc_cls)(image_processor=ip, tokenizer=tok)
-    torch.manual_seed(seed)
-    return model_cls(cfg).eval(), proc
-
-
-QWEN_PROMPT = "USER: <|vision_start|> <|image_pad|> <|vision_end|> what is this ? ASSISTANT:"
-
-
-# --------------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------------
-
-
-class LMInputs:
-    """Records what the language model receives (inputs_embeds, position_ids) on each call."""
-
-    def __init__(self, model):
-        self.calls = []
-        self._h = model.model.language_model.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, _mod, args, kwargs):
-        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "position_ids")})
-
-    def close(self):
-        self._h.remove()
-
-
-def image_rows(model, inputs, token: int = IMAGE) -> torch.Tensor:
-    """One forward; the rows of the LLM's ``inputs_embeds`` at the image placeholders, (tokens, C) for
-    the whole batch in order. This is what the language model receives, read the same way on every
-    transformers 5.x (``image_hidden_states`` is deprecated from 5.24 and OneVision no longer has it)."""
-    rec = LMInputs(model)
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        rec.close()
-    return rec.calls[-1]["inputs_embeds"][inputs["input_ids"] == token]
-
-
-def _gen(model, inputs, n: int = 3):
-    return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
-
-
 @pytest.fixture(scope="module")
 def llava():
     return build_llava()
@@ -193,30 +49,7 @@ def llava():
 
 @pytest.fixture(scope="module")
 def images():
-    return [_image(1, 80, 90), _image(2, 100, 70)]
-
-
-def _capture_clip_layer(model, layer_index: int = -2):
-    """Independent capture of the selection layer of a CLIP / SigLIP tower: (hidden, q, k) per call."""
-    tower = model.model.vision_tower
-    layer = tower.encoder.layers[len(tower.encoder.layers) + 1 + layer_index - 1]
-    store = {}
-    hooks = [
-        layer.register_forward_hook(lambda m, a, o: store.__setitem__("hidden", o[0] if isinstance(o, tuple) else o)),
-        layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: store.__setitem__("q", o)),
-        layer.self_attn.k_proj.register_forward_hook(lambda m, a, o: store.__setitem__("k", o)),
-    ]
-    return store, hooks, layer.self_attn
-
-
-def _oracle_from_capture(store, attn, budget, has_cls):
-    """compress_reference on the captured tensors, scores from an explicit float64 softmax."""
-    b, n, c = store["hidden"].shape
-    h = attn.num_heads
-    q = store["q"].double().view(b, n, h, -1).transpose(1, 2)
-    k = store["k"].double().view(b, n, h, -1).transpose(1, 2)
-    probs = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # (B, H, N, N), the full matrix here
-    return compress_reference(store["hidden"], probs, budget, keys=k.mean(1).float(), has_cls=has_cls)
+    return [image(1, 80, 90), image(2, 100, 70)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +64,7 @@ def test_llava_generate_and_token_count(llava, images):
         inputs = proc(images=images[:1], text=[PROMPT], return_tensors="pt")
         assert int((inputs.input_ids == IMAGE).sum()) == 8
         rec = LMInputs(model)
-        out = _gen(model, inputs)
+        out = gen(model, inputs)
         rec.close()
         assert out.shape[1] == inputs.input_ids.shape[1] + 3
         # prefill: prompt length with 8 image tokens (vs 25 unpatched)
@@ -269,11 +102,11 @@ def test_llava_features_match_reference(llava, images):
         handle = apply_visionzip(model, budget=budget, processor=proc)
         try:
             inputs = proc(images=images, text=[PROMPT, PROMPT], return_tensors="pt")
-            store, hooks, attn = _capture_clip_layer(model)
+            store, hooks, attn = capture_clip_layer(model)
             got = image_rows(model, inputs)
             for hk in hooks:
                 hk.remove()
-            ref = _oracle_from_capture(store, attn, budget, has_cls=True)
+            ref = oracle_from_capture(store, attn, budget, has_cls=True)
             expected = model.model.multi_modal_projector(ref.output)
             torch.testing.assert_close(got.view(2, budget, -1), expected, rtol=1e-5, atol=1e-6)
             # the kept indices are exposed and agree with the oracle; CLS is kept
@@ -295,7 +128,7 @@ def test_llava_sdpa_and_eager_select_same_tokens(images):
         # the q/k scores equal the CLS row of the eager tower's own attention probabilities
         full = eager.model.vision_tower(pixel, output_attentions=True, output_hidden_states=True)
         cls_row = full.attentions[-2][:, :, 0, :].sum(1)
-        store, hooks, attn = _capture_clip_layer(sdpa)
+        store, hooks, attn = capture_clip_layer(sdpa)
         sdpa.model.vision_tower(pixel)
         for hk in hooks:
             hk.remove()
@@ -329,7 +162,7 @@ def test_llava_batch_of_two_equals_single(llava, images):
             one = [image_rows(model, proc(images=[im], text=[PROMPT], return_tensors="pt")) for im in images]
         torch.testing.assert_close(both, torch.cat(one), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(one[0], one[1])
-        out = _gen(model, proc(images=images, text=[PROMPT, "USER: <image> describe it ASSISTANT:"],
+        out = gen(model, proc(images=images, text=[PROMPT, "USER: <image> describe it ASSISTANT:"],
                                return_tensors="pt", padding=True))
         assert out.shape[0] == 2
     finally:
@@ -341,7 +174,7 @@ def test_llava_multi_turn_reuses_compressed_tokens(llava, images):
     handle = apply_visionzip(model, budget=8, processor=proc)
     try:
         turn1 = proc(images=images[:1], text=[PROMPT], return_tensors="pt")
-        _gen(model, turn1)
+        gen(model, turn1)
         turn2_text = PROMPT + " w1 w2 USER: and now describe it ASSISTANT:"
         turn2 = proc(images=images[:1], text=[turn2_text], return_tensors="pt")
         with torch.no_grad():
@@ -349,7 +182,7 @@ def test_llava_multi_turn_reuses_compressed_tokens(llava, images):
             f2 = image_rows(model, turn2)
         assert torch.equal(f1, f2)  # text-agnostic: the question does not change the kept tokens
         assert int((turn2.input_ids == IMAGE).sum()) == 8
-        _gen(model, turn2)
+        gen(model, turn2)
     finally:
         handle.remove()
 
@@ -424,44 +257,6 @@ def test_processor_patch_roundtrip_and_arguments(llava):
 # --------------------------------------------------------------------------------------------
 
 
-def _qwen_oracle(model, pixel_values, grid, budget):
-    """Per image: compress_reference on the merger output with scores / keys recomputed here from
-    the captured qkv of the scored block (full float64 softmax per image, 2x2 unit means)."""
-    from transformers.vision_utils import get_vision_window_index
-
-    visual = model.model.visual
-    full = getattr(visual, "fullatt_block_indexes", None)
-    block = visual.blocks[full[-1] if full else len(visual.blocks) - 1]
-    store = {}
-    hooks = [block.attn.qkv.register_forward_hook(lambda m, a, o: store.__setitem__("qkv", o)),
-             block.attn.register_forward_pre_hook(lambda m, a, kw: store.__setitem__("kw", kw), with_kwargs=True)]
-    with torch.no_grad():
-        merged = visual(pixel_values, grid_thw=grid).pooler_output
-    for hk in hooks:
-        hk.remove()
-    mod = __import__(type(block.attn).__module__, fromlist=["x"])
-    s = store["qkv"].shape[0]
-    q, k, _ = store["qkv"].reshape(s, 3, block.attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = store["kw"]["position_embeddings"]
-    qr, kr = mod.apply_rotary_pos_emb_vision(q, k, cos, sin)
-    cu = store["kw"]["cu_seqlens"].tolist()
-    scores = torch.zeros(s, dtype=torch.float64)
-    for a, b in zip(cu[:-1], cu[1:]):
-        p = (qr[a:b].double().transpose(0, 1) @ kr[a:b].double().permute(1, 2, 0) * block.attn.scaling).softmax(-1)
-        scores[a:b] = p.sum(dim=(0, 1))
-    us, uk = scores.view(-1, 4).mean(1), k.double().mean(1).view(-1, 4, k.shape[-1]).mean(1)
-    if full:
-        win, _ = get_vision_window_index(grid, spatial_merge_size=2, window_size=visual.window_size, patch_size=14)
-        rev = torch.argsort(win)
-        us, uk = us[rev], uk[rev]
-    sizes = (grid.prod(-1) // 4).tolist()
-    out = []
-    for h, sc, ke in zip(merged.split(sizes), us.split(sizes), uk.split(sizes)):
-        out.append(compress_reference(h[None], sc[None].float(), budget, keys=ke[None].float(), has_cls=False)
-                   if h.shape[0] > budget else None)
-    return out, merged.split(sizes)
-
-
 @pytest.fixture(scope="module", params=["2", "2.5"])
 def qwen(request):
     return build_qwen(request.param)
@@ -469,7 +264,7 @@ def qwen(request):
 
 def test_qwen_generate_features_and_positions(qwen):
     model, proc = qwen
-    imgs = [_image(3, 100, 90), _image(4, 150, 130)]
+    imgs = [image(3, 100, 90), image(4, 150, 130)]
     texts = [QWEN_PROMPT, "USER: describe it <|vision_start|> <|image_pad|> <|vision_end|> ?"]
     plain = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
     rec = LMInputs(model)
@@ -489,7 +284,8 @@ def test_qwen_generate_features_and_positions(qwen):
         embeds = rec.calls[-1]["inputs_embeds"]
         feats = model.model.get_image_features(inputs.pixel_values, inputs.image_grid_thw, return_dict=True)
         # features = oracle on independently captured tensors
-        oracle, _ = _qwen_oracle(model, inputs.pixel_values, inputs.image_grid_thw, budget)
+        groups, _, _ = qwen_oracle(model, inputs.pixel_values, inputs.image_grid_thw, budget)
+        oracle = [g[0] for g in groups]  # an image is one temporal group
         for i in range(2):
             torch.testing.assert_close(feats.pooler_output[i], oracle[i].output[0], rtol=1e-5, atol=1e-6)
             assert torch.equal(feats.dominant_indices[i], oracle[i].dominant_indices[0])
@@ -508,7 +304,7 @@ def test_qwen_generate_features_and_positions(qwen):
             assert torch.equal(pos[-3:, b][:, txt_c], base_pos[-3:, b][:, txt_p])
         # generate: same positions at prefill, then runs
         rec.calls.clear()
-        out = _gen(model, inputs)
+        out = gen(model, inputs)
         assert out.shape[1] == inputs.input_ids.shape[1] + 3
         assert torch.equal(rec.calls[0]["position_ids"][-3:], pos[-3:])
     finally:
@@ -518,7 +314,7 @@ def test_qwen_generate_features_and_positions(qwen):
 
 def test_qwen_small_image_keeps_all_and_remove_restores(qwen):
     model, proc = qwen
-    img = _image(5, 56, 56)  # 2x2 merged tokens <= budget: kept as is
+    img = image(5, 56, 56)  # 2x2 merged tokens <= budget: kept as is
     inputs = proc(images=[img], text=[QWEN_PROMPT], return_tensors="pt")
     with torch.no_grad():
         before = model(**inputs).logits
@@ -532,7 +328,7 @@ def test_qwen_small_image_keeps_all_and_remove_restores(qwen):
         apply_visionzip(model, budget=8)
         try:
             with pytest.raises(ValueError, match="apply_visionzip_processor"):
-                model(**proc(images=[_image(6, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt"))
+                model(**proc(images=[image(6, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt"))
         finally:
             remove_visionzip(model)
         assert torch.equal(model(**inputs).logits, before)
@@ -540,7 +336,7 @@ def test_qwen_small_image_keeps_all_and_remove_restores(qwen):
 
 def test_qwen_sdpa_and_eager_select_same_tokens(qwen):
     model, proc = qwen
-    inputs = proc(images=[_image(4, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
+    inputs = proc(images=[image(4, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
     visual = model.model.visual
     handle = apply_visionzip(model, budget=8, processor=proc)
     try:
@@ -562,31 +358,80 @@ def test_qwen_sdpa_and_eager_select_same_tokens(qwen):
 
 
 @pytest.mark.parametrize("builder,has_cls", [(build_llava_next, True), (build_onevision, False)])
-def test_anyres_models(builder, has_cls):
+def test_anyres_models_per_crop_layout(builder, has_cls):
     model, proc = builder()
-    img = _image(7, 60, 100)
+    img = image(7, 60, 100)
     plain = proc(images=[img], text=[PROMPT], return_tensors="pt")
     with torch.no_grad():
         before = model(**plain).logits
     budget = 4
-    handle = apply_visionzip(model, budget=budget, processor=proc)
+    handle = apply_visionzip(model, budget=budget, processor=proc, layout="per_crop")
     try:
         inputs = proc(images=[img], text=[PROMPT], return_tensors="pt")
         crops = int(inputs.pixel_values.shape[1])
         assert int((inputs.input_ids == IMAGE).sum()) == crops * budget + 1 < int((plain.input_ids == IMAGE).sum())
-        store, hooks, attn = _capture_clip_layer(model)
+        store, hooks, attn = capture_clip_layer(model)
         feats = image_rows(model, inputs)
         for hk in hooks:
             hk.remove()
-        ref = _oracle_from_capture(store, attn, budget, has_cls=has_cls)  # one row per crop
+        ref = oracle_from_capture(store, attn, budget, has_cls=has_cls)  # one row per crop
         expected = model.model.multi_modal_projector(ref.output).flatten(0, 1)
         torch.testing.assert_close(feats[:-1], expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(feats[-1], model.model.image_newline.to(feats))  # trailing newline
-        assert _gen(model, inputs).shape[1] == inputs.input_ids.shape[1] + 3
+        assert gen(model, inputs).shape[1] == inputs.input_ids.shape[1] + 3
     finally:
         handle.remove()
     with torch.no_grad():
         assert torch.equal(model(**plain).logits, before)
+
+
+@pytest.mark.parametrize("size,grid", [((42, 84), (1, 2)), ((84, 42), (2, 1)), ((84, 84), (2, 2))],
+                         ids=["1x2", "2x1", "2x2"])
+def test_llava_next_official_layout_token_for_token(size, grid):
+    """LLaVA-NeXT's default layout is VisionZip's own: every token the LLM receives equals the
+    transcription of the official code (tests/official_visionzip.py) applied to the oracle's
+    compression of the captured crops; the processor emits (1 + P) k placeholders."""
+    from tests.official_visionzip import official_image_features
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    model, proc = build_llava_next()
+    img = image(11, *size)
+    budget = 4
+    handle = apply_visionzip(model, budget=budget, processor=proc)
+    assert handle.options == {"layout": "official"}
+    try:
+        inputs = proc(images=[img], text=[PROMPT], return_tensors="pt")
+        crops = int(inputs.pixel_values.shape[1])
+        cfg = model.config
+        assert tuple(get_anyres_image_grid_shape(inputs.image_sizes[0].tolist(), cfg.image_grid_pinpoints,
+                                                 cfg.vision_config.image_size)) == grid
+        assert crops == 1 + grid[0] * grid[1]
+        assert int((inputs.input_ids == IMAGE).sum()) == crops * budget  # no image_newline
+        store, hooks, attn = capture_clip_layer(model)
+        feats = image_rows(model, inputs)
+        for hk in hooks:
+            hk.remove()
+        ref = oracle_from_capture(store, attn, budget, has_cls=True)
+        projected = model.model.multi_modal_projector(ref.output)
+        side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+        expected = official_image_features(projected, ref.dominant_indices, grid, side)
+        torch.testing.assert_close(feats, expected, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(feats, projected.flatten(0, 1))  # the layout differs from per-crop order
+        assert gen(model, inputs).shape[1] == inputs.input_ids.shape[1] + 3
+        # a batch of two images of different grids: each laid out on its own grid
+        imgs = [img, _image_of_grid((1, 2) if grid != (1, 2) else (2, 2))]
+        both = proc(images=imgs, text=[PROMPT, PROMPT], return_tensors="pt", padding=True)
+        rows = image_rows(model, both)
+        alone = [image_rows(model, proc(images=[im], text=[PROMPT], return_tensors="pt")) for im in imgs]
+        torch.testing.assert_close(rows, torch.cat(alone), rtol=1e-5, atol=1e-6)
+        assert gen(model, both).shape[0] == 2
+    finally:
+        handle.remove()
+
+
+def _image_of_grid(grid):
+    """An image the tiny LLaVA-NeXT processor splits into a (rows, cols) grid of 42-pixel crops."""
+    return image(12, 42 * grid[0], 42 * grid[1])
 
 
 def test_qwen_beam_search_positions(qwen):
@@ -599,7 +444,7 @@ def test_qwen_beam_search_positions(qwen):
     handle = apply_visionzip(model, budget=budget, processor=proc)
     rec = LMInputs(model)
     try:
-        imgs, texts = [_image(7, 150, 130), _image(8, 100, 220)], [QWEN_PROMPT, QWEN_PROMPT]
+        imgs, texts = [image(7, 150, 130), image(8, 100, 220)], [QWEN_PROMPT, QWEN_PROMPT]
         inputs = proc(images=imgs, text=texts, return_tensors="pt", padding=True)
         assert not torch.equal(inputs.image_grid_thw[0], inputs.image_grid_thw[1])
         with torch.no_grad():
@@ -641,7 +486,7 @@ def test_qwen_chunked_prefill_is_a_clear_error(qwen):
     model, proc = qwen
     handle = apply_visionzip(model, budget=8, processor=proc)
     try:
-        inputs = proc(images=[_image(9, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
+        inputs = proc(images=[image(9, 150, 130)], text=[QWEN_PROMPT], return_tensors="pt")
         with pytest.raises(NotImplementedError, match="chunked prefill"):
             model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0, prefill_chunk_size=8)
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)  # still fine without

@@ -49,7 +49,7 @@ def _raw(t: torch.Tensor) -> bytes:
 
 
 def _scores_view(attn: torch.Tensor, has_cls: bool) -> torch.Tensor:
-    """The (B, H, Q, N) view of csrc/compress_common.h check_compress_args."""
+    """The (B, H, Q, N) view of csrc/compress_common.h check_compress_inputs."""
     if attn.dim() == 4:
         return attn[:, :, :1, :] if has_cls else attn
     if attn.dim() == 3:

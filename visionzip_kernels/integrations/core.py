@@ -33,6 +33,8 @@ __all__ = [
     "mean_keys",
     "merge_unit_mean",
     "merged_unit_selection",
+    "official_anyres_order",
+    "replay_compress",
     "selection_scores",
     "split_heads",
 ]
@@ -166,6 +168,56 @@ class Capture:
         return self.values[name]
 
 
+def replay_compress(result: CompressResult, values: torch.Tensor) -> torch.Tensor:
+    """The rows ``compress`` would have made of ``values`` (B, N, C') with the choices of ``result``
+    (docs/spec.md "Contextual merging"): the dominant rows, then each target plus the mean of its
+    members; (B, k, C') in values' dtype. For tensors row-aligned with the compressed ones (Qwen3-VL's
+    deepstack features), which must go through the same selection and merge."""
+    b, n, c = values.shape
+    dom, ctx, tmap = result.dominant_indices, result.contextual_indices, result.token_map
+    d, cx = dom.shape[1], ctx.shape[1]
+    acc = values.to(compute_dtype(values.dtype))
+    rows = [acc.gather(1, dom.unsqueeze(-1).expand(b, d, c))]
+    if cx:
+        is_target = torch.zeros(b, n, dtype=torch.bool, device=values.device).scatter_(1, ctx, True)
+        member = (tmap >= d) & ~is_target
+        label = (tmap - d).clamp_min(0)
+        sums = acc.new_zeros(b, cx, c).scatter_add_(1, label.unsqueeze(-1).expand(b, n, c), acc * member.unsqueeze(-1))
+        counts = acc.new_zeros(b, cx).scatter_add_(1, label, member.to(acc.dtype))
+        rows.append(acc.gather(1, ctx.unsqueeze(-1).expand(b, cx, c)) + sums / counts.clamp_min(1).unsqueeze(-1))
+    return torch.cat(rows, dim=1).to(values.dtype)
+
+
+def official_anyres_order(
+    dominant_indices: torch.Tensor, k: int, grid: tuple[int, int], side: int, *, has_cls: bool = True
+) -> torch.Tensor:
+    """VisionZip's own LLaVA-NeXT layout of one image (the official ``restore_image_features_sorted``):
+    the order of its reduced rows, as indices into the crops' rows flattened ((1 + P) * k).
+
+    ``dominant_indices`` (1 + P, D): per crop (the base crop first, then the P sub-crops in processor
+    order, row-major over the ``grid`` = (rows, cols)) the ascending token indices of its dominant
+    rows, CLS (0) first when ``has_cls``; each crop's k rows are its D dominant rows then its
+    contextual rows; ``side`` patches per crop side. The sequence is: the base crop's k rows as they
+    are; the sub-crops' non-CLS dominant rows placed on the full (rows x side) x (cols x side) patch
+    grid and read in raster order of that grid; the sub-crops' CLS rows; the sub-crops' contextual
+    rows, crop by crop. No image_newline, no unpadding: (1 + P) * k rows.
+    """
+    crops, d = dominant_indices.shape
+    rows, cols = grid
+    if crops - 1 != rows * cols:
+        raise ValueError(f"official layout: {crops - 1} sub-crops do not fill a {rows} x {cols} grid")
+    dev = dominant_indices.device
+    first = 1 if has_cls else 0  # row 0 of a CLS crop is the CLS token
+    sub = torch.arange(1, crops, device=dev).unsqueeze(1)
+    patch = dominant_indices[1:, first:] - first  # raster index inside the crop
+    gy = (sub - 1) // cols * side + patch // side
+    gx = (sub - 1) % cols * side + patch % side
+    spatial = (sub * k + torch.arange(first, d, device=dev)).reshape(-1)[torch.argsort((gy * cols * side + gx).reshape(-1))]
+    cls_rows = (sub * k).reshape(-1) if has_cls else sub.new_zeros(0)
+    contextual = (sub * k + torch.arange(d, k, device=dev)).reshape(-1)
+    return torch.cat([torch.arange(k, device=dev), spatial, cls_rows, contextual])
+
+
 @dataclass
 class Selection:
     """What a tower's selection layer gives a reducer, for B images (or crops, or frames).
@@ -211,6 +263,11 @@ class Reducer(ABC):
     @abstractmethod
     def reduce(self, selection: Selection) -> Reduction:
         """The reduced rows of ``selection``; T = ``tokens(N)``."""
+
+    def replay(self, reduction: Reduction, values: torch.Tensor) -> torch.Tensor:
+        """The rows ``reduce`` would have made of ``values`` (B, N, C'), row-aligned with the reduced
+        hidden states, with the same choices (Qwen3-VL's deepstack features need it)."""
+        raise NotImplementedError(f"{self.name} cannot apply its choices to other tensors")
 
     def processor_hint(self) -> str:
         """How to make a processor emit ``tokens`` placeholders (appended to mismatch errors)."""
@@ -271,6 +328,9 @@ class VisionZip(Reducer):
         )
         kept = torch.cat([result.dominant_indices, result.contextual_indices], dim=1)
         return Reduction(result.output, kept, result)
+
+    def replay(self, reduction: Reduction, values: torch.Tensor) -> torch.Tensor:
+        return replay_compress(reduction.details, values)
 
     def processor_hint(self) -> str:
         return (

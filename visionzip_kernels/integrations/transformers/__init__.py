@@ -30,7 +30,7 @@ from typing import Any, Optional
 import torch
 
 from ..core import Reducer, VisionZip
-from . import llava, llava_next, llava_onevision, qwen2_vl  # noqa: F401  (register their families)
+from . import llava, llava_next, llava_onevision, qwen2_vl, qwen3_vl  # noqa: F401  (register their families)
 from ._core import HANDLE_ATTR, Handle, model_family, output_class, patch_processor, processor_family
 from ._core import remove_processor_patch as remove_visionzip_processor
 
@@ -54,13 +54,13 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def apply_reducer(model: torch.nn.Module, reducer: Reducer, *, processor: Any = None) -> Handle:
+def apply_reducer(model: torch.nn.Module, reducer: Reducer, *, processor: Any = None, **options: Any) -> Handle:
     """Patch one loaded model instance so that its LLM receives the rows ``reducer`` makes of each
-    image (see :func:`apply_visionzip`)."""
+    image (see :func:`apply_visionzip`); ``options`` are the family's (e.g. LLaVA-NeXT's ``layout``)."""
     if HANDLE_ATTR in model.__dict__:
         raise RuntimeError("VisionZip is already applied to this model; call remove_visionzip(model) first")
     family, base = model_family(model)
-    handle = Handle(model, family, reducer)
+    handle = Handle(model, family, reducer, options)
     try:
         family.patch(handle, base)
         if processor is not None:
@@ -68,7 +68,7 @@ def apply_reducer(model: torch.nn.Module, reducer: Reducer, *, processor: Any = 
                 raise TypeError(
                     f"VisionZip: processor {type(processor).__name__} does not match model family {family.name}"
                 )
-            patch_processor(processor, reducer)
+            patch_processor(processor, reducer, options)
             handle.processor = processor
     except BaseException:
         handle.remove()
@@ -85,6 +85,7 @@ def apply_visionzip(
     contextual: Optional[int] = None,
     backend: Optional[str] = None,
     processor: Any = None,
+    layout: Optional[str] = None,
 ) -> Handle:
     """Patch one loaded model instance so that its LLM receives ``budget`` visual tokens per image.
 
@@ -95,22 +96,28 @@ def apply_visionzip(
         backend: compress backend (see :func:`visionzip_kernels.compress`), None = fastest available.
         processor: optional processor to patch as well (see :func:`apply_visionzip_processor`);
             :meth:`VisionZipHandle.remove` / :func:`remove_visionzip` restore it too.
+        layout: LLaVA-NeXT / OneVision only: "official" (VisionZip's own LLaVA-NeXT layout, the
+            default for LLaVA-NeXT) or "per_crop" (the default for OneVision); see docs/transformers.md.
 
     Returns:
         A :class:`VisionZipHandle`; ``remove_visionzip(model)`` or ``handle.remove()`` undoes the patch.
     """
+    options = {} if layout is None else {"layout": layout}
     return apply_reducer(model, VisionZip(budget, dominant=dominant, contextual=contextual, backend=backend),
-                         processor=processor)
+                         processor=processor, **options)
 
 
-def apply_visionzip_processor(processor: Any, budget: int = 64) -> Any:
-    """Make ``processor`` expand each image placeholder to the VisionZip token count (in place).
+def apply_visionzip_processor(processor: Any, budget: int = 64, *, layout: Optional[str] = None) -> Any:
+    """Make ``processor`` expand each image (and video) placeholder to the VisionZip token count, in
+    place; ``layout`` as in :func:`apply_visionzip` (it must match the model's).
 
-    LLaVA: ``budget`` per image. LLaVA-NeXT / OneVision: ``crops * budget + 1`` (the +1 is the single
-    image_newline, see docs/transformers.md). Qwen2-VL / 2.5-VL: ``min(budget, merged tokens)``.
-    Returns the processor; :func:`remove_visionzip_processor` undoes it.
+    LLaVA: ``budget`` per image. LLaVA-NeXT: ``crops * budget`` (official layout) or
+    ``crops * budget + 1`` (per crop: one image_newline). OneVision: ``crops * budget + 1`` per image,
+    ``frames * budget + 1`` per video. Qwen2-VL / 2.5-VL / Qwen3-VL: ``min(budget, merged tokens)``
+    per image and per temporal group of a video. Returns the processor;
+    :func:`remove_visionzip_processor` undoes it.
     """
-    return patch_processor(processor, VisionZip(budget))
+    return patch_processor(processor, VisionZip(budget), {} if layout is None else {"layout": layout})
 
 
 def remove_visionzip(model: torch.nn.Module) -> None:

@@ -29,14 +29,31 @@ _MISSING = object()
 @dataclass(frozen=True)
 class Family:
     """A model family: the ``config.model_type`` values it serves, the processor classes that go with
-    it, how to patch the base model (the object holding ``get_image_features``), and the number of
-    placeholders per image (``image_tokens(processor, image_inputs, image_idx, reducer)``)."""
+    it, how to patch the base model (the object holding ``get_image_features``), the number of
+    placeholders per image (``image_tokens(processor, image_inputs, image_idx, reducer, options)``)
+    and per video (``video_tokens``, same arguments; None: videos are not supported), and its
+    options with their defaults (e.g. LLaVA-NeXT's ``layout``)."""
 
     name: str
     model_types: tuple[str, ...]
     processor_classes: tuple[str, ...]
     patch: Callable[["Handle", torch.nn.Module], None]
-    image_tokens: Callable[[Any, dict, int, Reducer], int]
+    image_tokens: Callable[[Any, dict, int, Reducer, dict], int]
+    video_tokens: Optional[Callable[[Any, dict, int, Reducer, dict], int]] = None
+    defaults: tuple[tuple[str, Any, tuple], ...] = ()  # (option, default, allowed values)
+
+    def resolve_options(self, options: dict) -> dict:
+        """The family's options: ``options`` checked against the allowed values, defaults filled in."""
+        allowed = {name: values for name, _, values in self.defaults}
+        for name, value in options.items():
+            if name not in allowed:
+                raise ValueError(
+                    f"VisionZip: option {name}={value!r} does not apply to the {self.name} family "
+                    f"(its options: {sorted(allowed) or 'none'})"
+                )
+            if value not in allowed[name]:
+                raise ValueError(f"VisionZip: {name} must be one of {allowed[name]} for {self.name}; got {value!r}")
+        return {name: options.get(name, default) for name, default, _ in self.defaults}
 
 
 FAMILIES: dict[str, Family] = {}
@@ -89,17 +106,18 @@ class Handle:
     or None). ``remove()`` undoes everything.
     """
 
-    def __init__(self, model: torch.nn.Module, family: Family, reducer: Reducer):
+    def __init__(self, model: torch.nn.Module, family: Family, reducer: Reducer, options: Optional[dict] = None):
         self.model = model
         self.family = family.name
         self.reducer = reducer
+        self.options = family.resolve_options(options or {})
         self.processor: Any = None
         self._patches: list[tuple[Any, str, Any]] = []
         self._removed = False
 
     def __getattr__(self, name: str) -> Any:
         # budget / dominant / contextual / backend of the reducer, for convenience
-        if name.startswith("_") or name in ("model", "family", "reducer", "processor"):
+        if name.startswith("_") or name in ("model", "family", "reducer", "processor", "options"):
             raise AttributeError(name)
         return getattr(self.reducer, name)
 
@@ -124,7 +142,8 @@ class Handle:
         self._removed = True
 
     def __repr__(self) -> str:
-        return f"VisionZipHandle(family={self.family!r}, reducer={self.reducer!r}, removed={self._removed})"
+        return (f"VisionZipHandle(family={self.family!r}, reducer={self.reducer!r}, options={self.options}, "
+                f"removed={self._removed})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,21 +210,27 @@ def count_placeholders(base: torch.nn.Module, input_ids: Optional[torch.Tensor],
     return int((inputs_embeds == ref).all(-1).sum())
 
 
-def patch_placeholder_check(handle: Handle, base: torch.nn.Module, per_image: str) -> None:
-    """A clear error, naming the processor patch, when the prompt's image placeholders do not match
-    the reduced features (an unpatched processor's input)."""
+def patch_placeholder_check(handle: Handle, base: torch.nn.Module, per_item: str) -> None:
+    """A clear error, naming the processor patch, when the prompt's image (or video) placeholders do
+    not match the reduced features (an unpatched processor's input)."""
     original = base.get_placeholder_mask
-    token_id = base.config.image_token_id
+    config = base.config
+
+    def check(kind: str, features: Optional[torch.Tensor], input_ids, inputs_embeds) -> None:
+        token_id = getattr(config, f"{kind}_token_id", None)
+        if features is None or token_id is None:
+            return
+        n_tokens = count_placeholders(base, input_ids, inputs_embeds, token_id)
+        n_rows = features.numel() // inputs_embeds.shape[-1]
+        if n_tokens != n_rows:
+            raise ValueError(
+                f"{handle.reducer.name}: the input has {n_tokens} {kind} placeholder tokens but the reduced "
+                f"{kind} features have {n_rows} rows ({per_item}). " + handle.reducer.processor_hint()
+            )
 
     def get_placeholder_mask(input_ids=None, inputs_embeds=None, image_features=None, **kwargs):
-        if image_features is not None:
-            n_tokens = count_placeholders(base, input_ids, inputs_embeds, token_id)
-            n_rows = image_features.numel() // inputs_embeds.shape[-1]
-            if n_tokens != n_rows:
-                raise ValueError(
-                    f"{handle.reducer.name}: the input has {n_tokens} image placeholder tokens but the reduced "
-                    f"image features have {n_rows} rows ({per_image}). " + handle.reducer.processor_hint()
-                )
+        check("image", image_features, input_ids, inputs_embeds)
+        check("video", kwargs.get("video_features"), input_ids, inputs_embeds)
         return original(input_ids, inputs_embeds=inputs_embeds, image_features=image_features, **kwargs)
 
     handle.set(base, "get_placeholder_mask", get_placeholder_mask)
@@ -220,22 +245,34 @@ def patch_placeholder_check(handle: Handle, base: torch.nn.Module, per_image: st
 class _ProcessorState:
     reducer: Reducer
     family: str
+    options: dict
     old: dict
 
 
-def patch_processor(processor: Any, reducer: Reducer) -> Any:
-    """Make ``processor`` expand each image placeholder to the family's reduced token count (in
-    place); :func:`remove_processor_patch` undoes it."""
+def patch_processor(processor: Any, reducer: Reducer, options: Optional[dict] = None) -> Any:
+    """Make ``processor`` expand each image (and video) placeholder to the family's reduced token count
+    (in place); :func:`remove_processor_patch` undoes it. A family without video support makes
+    the processor refuse videos with a clear error instead of emitting uncompressed counts."""
     family = processor_family(processor)
+    options = family.resolve_options(options or {})
     if PROCESSOR_ATTR in processor.__dict__:
         raise RuntimeError("VisionZip is already applied to this processor; call remove_visionzip_processor first")
 
     def replace_image_token(image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        return processor.image_token * family.image_tokens(processor, image_inputs, image_idx, reducer)
+        return processor.image_token * family.image_tokens(processor, image_inputs, image_idx, reducer, options)
 
-    old = {name: processor.__dict__.get(name, _MISSING) for name in ("replace_image_token",)}
+    def replace_video_token(video_inputs: dict, video_idx: int, **kwargs: Any) -> str:
+        if family.video_tokens is None:
+            raise NotImplementedError(
+                f"{reducer.name}: videos are not supported for the {family.name} family (images are)"
+            )
+        return family.video_tokens(processor, video_inputs, video_idx, reducer, options)
+
+    names = ("replace_image_token", "replace_video_token")
+    old = {name: processor.__dict__.get(name, _MISSING) for name in names}
     processor.__dict__["replace_image_token"] = replace_image_token
-    processor.__dict__[PROCESSOR_ATTR] = _ProcessorState(reducer, family.name, old)
+    processor.__dict__["replace_video_token"] = replace_video_token
+    processor.__dict__[PROCESSOR_ATTR] = _ProcessorState(reducer, family.name, options, old)
     return processor
 
 
@@ -273,6 +310,9 @@ def _make_output_class() -> type:
         source_features: Qwen only, the per-image features as produced (the same tensor objects as
             pooler_output until ``generate`` repeats images per beam / returned sequence, which
             rewrites pooler_output only); maps repeated entries back to their indices and grids.
+        row_order: LLaVA-NeXT / OneVision only, per image (T,) the index of each fed row among the
+            image's crops x k reduced rows flattened (crops x k stands for the image_newline).
+        deepstack_features: Qwen3-VL only, per deepstack layer a tuple of per-item reduced features.
         """
 
         dominant_indices: Optional[list] = None
@@ -281,6 +321,8 @@ def _make_output_class() -> type:
         kept_indices: Optional[list] = None
         grid_thw: Optional[torch.Tensor] = None
         source_features: Optional[tuple] = None
+        row_order: Optional[list] = None
+        deepstack_features: Optional[list] = None
 
     VisionZipImageOutput.__module__ = "visionzip_kernels.integrations.transformers"
     VisionZipImageOutput.__qualname__ = "VisionZipImageOutput"

@@ -65,7 +65,7 @@ def patch(handle: Handle, base: torch.nn.Module) -> None:
     patch_placeholder_check(handle, base, f"{handle.reducer.tokens(clip_tokens(vision.image_size, vision.patch_size))} per image")
 
 
-def image_tokens(processor: Any, image_inputs: dict, image_idx: int, reducer: Reducer) -> int:
+def image_tokens(processor: Any, image_inputs: dict, image_idx: int, reducer: Reducer, options: dict) -> int:
     """Placeholders per image: the reduced count of the tower's tokens."""
     size = int(image_inputs["pixel_values"].shape[-1])
     return reducer.tokens(clip_tokens(size, getattr(processor, "patch_size", None)))

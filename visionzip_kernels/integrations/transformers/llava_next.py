@@ -1,10 +1,15 @@
 """LLaVA-NeXT (``model_type`` "llava_next": CLIP tower, anyres crops, CLS kept).
 
-Every crop (the base image first, then the sub-crops in processor order) is reduced on its own with
-the same per-crop budget, in one call with one row per crop. An image becomes
-[crop 0: k rows][crop 1: k rows]...[crop P-1: k rows][image_newline]: the unpad / per-row newline
-layout of the original needs a full patch grid, which reduced tokens no longer form; the single
-trailing newline keeps the end-of-image marker the model was trained with.
+Every crop (the base image first, then the sub-crops in processor order, row-major over the crop
+grid) is reduced on its own with the same per-crop budget, in one call with one row per crop. The
+rows are then laid out as the option ``layout`` says:
+
+* ``"official"`` (default): VisionZip's own layout, the one the paper's LLaVA-NeXT accuracy was
+  measured with (``visionzip/llava_arch.py``: ``prepare_inputs_labels_for_multimodal_visionzip`` /
+  ``restore_image_features_sorted``; ``core.official_anyres_order``): the base crop's k rows; the
+  sub-crops' non-CLS dominant rows on the full patch grid in raster order; the sub-crops' CLS rows;
+  the sub-crops' contextual rows. No image_newline, no unpadding: (1 + P) k rows.
+* ``"per_crop"``: [crop 0: k rows][crop 1: k rows]...[crop P: k rows][image_newline], (1 + P) k + 1.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..core import Reducer
+from ..core import Reducer, official_anyres_order
 from ._core import (
     Family,
     Handle,
@@ -26,6 +31,8 @@ from ._core import (
 )
 from .llava import clip_tokens
 
+LAYOUTS = ("official", "per_crop")
+
 
 def num_crops(image_size: Any, grid_pinpoints: list, crop_size: int) -> int:
     """Crops (base + sub-crops) the model sees for an image of ``image_size`` (height, width)."""
@@ -35,20 +42,37 @@ def num_crops(image_size: Any, grid_pinpoints: list, crop_size: int) -> int:
     return int(image_size_to_num_patches(image_size=size, grid_pinpoints=grid_pinpoints, patch_size=crop_size))
 
 
+def crop_grid(image_size: Any, grid_pinpoints: list, crop_size: int) -> tuple[int, int]:
+    """(rows, cols) of the sub-crop grid of an image of ``image_size`` (height, width)."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape
+
+    size = image_size.tolist() if hasattr(image_size, "tolist") else list(image_size)
+    rows, cols = get_anyres_image_grid_shape(size, grid_pinpoints, crop_size)
+    return int(rows), int(cols)
+
+
 def has_cls_token(tower: torch.nn.Module) -> bool:
     """CLIP towers (LLaVA-NeXT) have a CLS token; SigLIP (OneVision) does not."""
     return getattr(tower.embeddings, "class_embedding", None) is not None
 
 
+def image_rows(crops: int, k: int, layout: str) -> int:
+    """Rows an image of ``crops`` crops (base included) becomes, k reduced rows per crop."""
+    if layout == "official" and crops > 1:
+        return crops * k
+    return crops * k + 1  # per crop, or a single crop: its rows and one image_newline
+
+
 def encode_crops(
     handle: Handle, base: torch.nn.Module, pixel_values: torch.Tensor, image_sizes: Any, vision_feature_layer: Any,
-    need_crops: list[bool], kwargs: dict,
+    need_crops: list[bool], kwargs: dict, layout: str,
 ):
-    """The anyres ``get_image_features`` of LLaVA-NeXT and OneVision: per image, its crops reduced
-    (only the base crop where ``need_crops`` is False), then one image_newline."""
+    """The anyres ``get_image_features`` of LLaVA-NeXT and OneVision: per image its crops reduced
+    (only the base crop where ``need_crops`` is False), laid out by ``layout``."""
     tower, projector, config = base.vision_tower, base.multi_modal_projector, base.config
+    vision = config.vision_config
     crops = [
-        num_crops(size, config.image_grid_pinpoints, config.vision_config.image_size) if crop else 1
+        num_crops(size, config.image_grid_pinpoints, vision.image_size) if crop else 1
         for size, crop in zip(image_sizes, need_crops)
     ]
     if pixel_values.dim() == 5:
@@ -57,13 +81,27 @@ def encode_crops(
         raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected 4 or 5 dimensions")
     layer = selection_layer(tower, config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer)
     kwargs.pop("return_dict", None)
-    out, selection = run_clip_like_tower(tower, pixel_values, layer, has_cls=has_cls_token(tower), **kwargs)
+    has_cls = has_cls_token(tower)
+    out, selection = run_clip_like_tower(tower, pixel_values, layer, has_cls=has_cls, **kwargs)
     reduced = handle.reducer.reduce(selection)  # one row per crop
     projected = projector(reduced.features)
+    k = projected.shape[1]
     newline = base.image_newline[None].to(projected)
-    features, split = [], 0
-    for n in crops:
-        features.append(torch.cat([projected[split : split + n].flatten(0, 1), newline], dim=0))
+    features, orders, split = [], [], 0
+    for size, n in zip(image_sizes, crops):
+        rows = torch.cat([projected[split : split + n].flatten(0, 1), newline])  # row n * k: the newline
+        if layout == "official" and n > 1:
+            if reduced.details is None:
+                raise NotImplementedError(f"{handle.reducer.name}: the official layout needs dominant indices")
+            order = official_anyres_order(
+                reduced.details.dominant_indices[split : split + n], k,
+                crop_grid(size, config.image_grid_pinpoints, vision.image_size),
+                vision.image_size // vision.patch_size, has_cls=has_cls,
+            )
+        else:
+            order = torch.arange(n * k + 1, device=rows.device)
+        features.append(rows[order])
+        orders.append(order)
         split += n
     return output_class()(
         last_hidden_state=out.last_hidden_state,
@@ -71,6 +109,7 @@ def encode_crops(
         hidden_states=out.hidden_states,
         attentions=out.attentions,
         kept_indices=list(reduced.kept_indices.split(crops)),
+        row_order=orders,
         **per_image_fields(reduced.details, crops),
     )
 
@@ -85,8 +124,14 @@ def crop_tokens(processor: Any, image_inputs: dict, reducer: Reducer, has_cls: b
     return reducer.tokens(clip_tokens(crop, patch, has_cls))
 
 
+def image_crops(processor: Any, image_inputs: dict, image_idx: int) -> int:
+    crop = int(image_inputs["pixel_values"][0][0].shape[-1])
+    return num_crops(image_inputs["image_sizes"][image_idx], processor.image_processor.image_grid_pinpoints, crop)
+
+
 def patch(handle: Handle, base: torch.nn.Module) -> None:
     selection_layer(base.vision_tower, base.config.vision_feature_layer)
+    layout = handle.options["layout"]
 
     def get_image_features(
         pixel_values: torch.Tensor,
@@ -95,18 +140,21 @@ def patch(handle: Handle, base: torch.nn.Module) -> None:
         vision_feature_select_strategy: Optional[str] = None,
         **kwargs: Any,
     ):
-        """Replacement of ``LlavaNextModel.get_image_features``: per image crops * k + 1 rows."""
+        """Replacement of ``LlavaNextModel.get_image_features``: per image (1 + P) k rows (official
+        layout) or (1 + P) k + 1 (per crop)."""
         return encode_crops(handle, base, pixel_values, image_sizes, vision_feature_layer,
-                            [True] * len(image_sizes), kwargs)
+                            [True] * len(image_sizes), kwargs, layout)
 
     handle.set(base, "get_image_features", get_image_features)
-    patch_placeholder_check(handle, base, "crops x k + 1 newline per image")
+    patch_placeholder_check(handle, base, f"{layout} layout of (1 + P) crops x k rows per image")
 
 
-def image_tokens(processor: Any, image_inputs: dict, image_idx: int, reducer: Reducer) -> int:
-    crop = int(image_inputs["pixel_values"][0][0].shape[-1])
-    crops = num_crops(image_inputs["image_sizes"][image_idx], processor.image_processor.image_grid_pinpoints, crop)
-    return crops * crop_tokens(processor, image_inputs, reducer, has_cls=True) + 1
+def image_tokens(processor: Any, image_inputs: dict, image_idx: int, reducer: Reducer, options: dict) -> int:
+    return image_rows(image_crops(processor, image_inputs, image_idx),
+                      crop_tokens(processor, image_inputs, reducer, has_cls=True), options["layout"])
 
 
-FAMILY = register_family(Family("llava_next", ("llava_next",), ("LlavaNextProcessor",), patch, image_tokens))
+FAMILY = register_family(
+    Family("llava_next", ("llava_next",), ("LlavaNextProcessor",), patch, image_tokens,
+           defaults=(("layout", "official", LAYOUTS),))
+)

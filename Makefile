@@ -62,7 +62,7 @@ $(VLLM_READY): pyproject.toml requirements/lock-vllm.txt tools/make_vllm_venv.sh
 
 test-vllm: $(VLLM_READY) $(BUILT)
 	VISIONZIP_SKIP_EXTENSION=1 $(VPY) -m pip install -q --no-deps --no-build-isolation -e .
-	$(VPY) -m pytest tests/vllm tests/test_transformers_integration.py -q -p no:cacheprovider
+	$(VPY) -m pytest tests/vllm tests/test_transformers_integration.py tests/test_transformers_video.py -q -p no:cacheprovider
 
 demo: $(BUILT)
 	$(PY) benchmarks/bench_compress.py --no-save

@@ -24,11 +24,14 @@ from ..ops.compress import CompressResult, compress, default_contextual
 from ..ops.scores import cls_scores, received_scores
 
 __all__ = [
+    "ANYRES_LAYOUTS",
     "Capture",
     "Reducer",
     "Reduction",
     "Selection",
     "VisionZip",
+    "anyres_order",
+    "anyres_rows",
     "expand_runs",
     "mean_keys",
     "merge_unit_mean",
@@ -216,6 +219,38 @@ def official_anyres_order(
     cls_rows = (sub * k).reshape(-1) if has_cls else sub.new_zeros(0)
     contextual = (sub * k + torch.arange(d, k, device=dev)).reshape(-1)
     return torch.cat([torch.arange(k, device=dev), spatial, cls_rows, contextual])
+
+
+#: Layouts of an anyres image's reduced crops (LLaVA-NeXT, OneVision): VisionZip's own ("official",
+#: :func:`official_anyres_order`) and crop after crop with one image_newline ("per_crop").
+ANYRES_LAYOUTS = ("official", "per_crop")
+
+
+def anyres_rows(crops: int, k: int, layout: str) -> int:
+    """Rows an anyres image of ``crops`` crops (base included) becomes, k reduced rows per crop:
+    (1 + P) k in the official layout; crop after crop plus one image_newline otherwise (also a
+    single crop in the official layout)."""
+    if layout == "official" and crops > 1:
+        return crops * k
+    return crops * k + 1
+
+
+def anyres_order(
+    layout: str, crops: int, k: int, dominant_indices: Optional[torch.Tensor], grid: tuple[int, int], side: int,
+    *, has_cls: bool = True, device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """The order of one anyres image's rows in ``layout`` (:func:`anyres_rows` of them), as indices
+    into its crops' reduced rows flattened ((crops * k) rows) followed by one image_newline row (index
+    crops * k). ``dominant_indices`` (crops, D), ``grid`` (rows, cols) and ``side`` (patches per crop
+    side) are what :func:`official_anyres_order` needs; the official layout of several crops needs
+    them, the others do not."""
+    if layout not in ANYRES_LAYOUTS:
+        raise ValueError(f"layout must be one of {ANYRES_LAYOUTS}; got {layout!r}")
+    if layout == "official" and crops > 1:
+        if dominant_indices is None:
+            raise NotImplementedError("the official anyres layout needs the dominant indices of each crop")
+        return official_anyres_order(dominant_indices, k, grid, side, has_cls=has_cls)
+    return torch.arange(crops * k + 1, device=device)
 
 
 @dataclass

@@ -24,6 +24,10 @@ ARCHITECTURES: dict[str, tuple[str, str]] = {
         "VisionZipLlavaForConditionalGeneration",
         f"{__name__}.llava:VisionZipLlavaForConditionalGeneration",
     ),
+    "LlavaNextForConditionalGeneration": (
+        "VisionZipLlavaNextForConditionalGeneration",
+        f"{__name__}.llava_next:VisionZipLlavaNextForConditionalGeneration",
+    ),
     "Qwen2VLForConditionalGeneration": (
         "VisionZipQwen2VLForConditionalGeneration",
         f"{__name__}.qwen2_vl:VisionZipQwen2VLForConditionalGeneration",
@@ -54,10 +58,13 @@ def register() -> None:
         ModelRegistry.register_model(architecture, target)
 
 
-def hf_overrides(architecture: str, budget: int, contextual: Optional[int] = None) -> dict:
+def hf_overrides(
+    architecture: str, budget: int, contextual: Optional[int] = None, layout: Optional[str] = None
+) -> dict:
     """The ``hf_overrides`` that switch an engine of a stock ``architecture`` (e.g.
     "LlavaForConditionalGeneration", the checkpoint's ``config.json`` ``architectures[0]``) to VisionZip
-    with ``budget`` tokens per image (per crop for LLaVA-NeXT) and ``contextual`` of them merged."""
+    with ``budget`` tokens per image (per crop for LLaVA-NeXT), ``contextual`` of them merged (default
+    budget * 5 // 32), and for LLaVA-NeXT the ``layout`` of the crops ("official" or "per_crop")."""
     if architecture not in ARCHITECTURES:
         raise ValueError(
             f"VisionZip: no VisionZip architecture for {architecture!r}; supported: {', '.join(ARCHITECTURES)}"
@@ -65,4 +72,6 @@ def hf_overrides(architecture: str, budget: int, contextual: Optional[int] = Non
     overrides: dict = {"architectures": [ARCHITECTURES[architecture][0]], "visionzip_budget": budget}
     if contextual is not None:
         overrides["visionzip_contextual"] = contextual
+    if layout is not None:
+        overrides["visionzip_layout"] = layout
     return overrides

@@ -36,7 +36,8 @@ QWEN_TEMPLATE = (
 )
 
 LLAVA_PROMPT = "USER: <image> What is this ? ASSISTANT:"
-QWEN_PROMPT = "<|im_start|> user <|vision_start|> <|image_pad|> <|vision_end|> What is this ? <|im_end|> <|im_start|> assistant"
+QWEN_PROMPT = ("<|im_start|> user <|vision_start|> <|image_pad|> <|vision_end|> What is this ? <|im_end|> "
+               "<|im_start|> assistant")
 
 
 def tokenizer(specials: list[str], template: str, **special_tokens: str):
@@ -89,54 +90,44 @@ def _llava_tokenizer():
                      unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def llava(out_dir: str, image_size: int = 84, seed: int = 0, **config_kwargs):
-    """LLaVA-1.5: CLIP (image_size px, patch 14, 3 layers, selection layer -2) + a 2-layer Llama."""
-    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+def _llava_like(out_dir: str, kind: str, image_size: int, seed: int, image_processor_kwargs: dict, **config_kwargs):
+    """Build, save and return a LLaVA-family model (``kind``: "Llava" or "LlavaNext") and its processor."""
+    import transformers
 
     tok = _llava_tokenizer()
-    config = LlavaConfig(vision_config=_clip(image_size), text_config=_llama(len(tok)),
-                         image_token_index=tok.convert_tokens_to_ids("<image>"),
-                         vision_feature_layer=-2, vision_feature_select_strategy="default", **config_kwargs)
-    config.architectures = ["LlavaForConditionalGeneration"]
+    config = getattr(transformers, f"{kind}Config")(
+        vision_config=_clip(image_size), text_config=_llama(len(tok)),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default", **config_kwargs)
+    config.architectures = [f"{kind}ForConditionalGeneration"]
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = getattr(transformers, f"{kind}ForConditionalGeneration")(config).eval()
+    if kind == "LlavaNext":
+        with torch.no_grad():
+            model.model.image_newline.normal_()  # zeros at init: make the newline row visible
     model.save_pretrained(out_dir, safe_serialization=True)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_TEMPLATE)
+    image_processor_cls = transformers.CLIPImageProcessor if kind == "Llava" else transformers.LlavaNextImageProcessor
+    image_processor = image_processor_cls(size={"shortest_edge": image_size}, **image_processor_kwargs,
+                                          crop_size={"height": image_size, "width": image_size})
+    processor = getattr(transformers, f"{kind}Processor")(
+        image_processor=image_processor, tokenizer=tok, patch_size=14, vision_feature_select_strategy="default",
+        num_additional_image_tokens=1, chat_template=LLAVA_TEMPLATE)
     processor.save_pretrained(out_dir)
     _rename_clip_tower(out_dir)
     return model, processor
+
+
+def llava(out_dir: str, image_size: int = 84, seed: int = 0):
+    """LLaVA-1.5: CLIP (image_size px, patch 14, 3 layers, selection layer -2) + a 2-layer Llama."""
+    return _llava_like(out_dir, "Llava", image_size, seed, {})
 
 
 def llava_next(out_dir: str, image_size: int = 42, seed: int = 0):
     """LLaVA-NeXT: CLIP crops of image_size px, pinpoints up to 2 x 2 crops, a 2-layer Llama."""
-    from transformers import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextImageProcessor,
-                              LlavaNextProcessor)
-
-    tok = _llava_tokenizer()
     pins = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size],
             [2 * image_size, 2 * image_size]]
-    config = LlavaNextConfig(vision_config=_clip(image_size), text_config=_llama(len(tok)), image_grid_pinpoints=pins,
-                             image_token_index=tok.convert_tokens_to_ids("<image>"),
-                             vision_feature_layer=-2, vision_feature_select_strategy="default")
-    config.architectures = ["LlavaNextForConditionalGeneration"]
-    torch.manual_seed(seed)
-    model = LlavaNextForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        model.model.image_newline.normal_()
-    model.save_pretrained(out_dir, safe_serialization=True)
-    image_processor = LlavaNextImageProcessor(size={"shortest_edge": image_size},
-                                              crop_size={"height": image_size, "width": image_size},
-                                              image_grid_pinpoints=pins)
-    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   chat_template=LLAVA_TEMPLATE)
-    processor.save_pretrained(out_dir)
-    _rename_clip_tower(out_dir)
-    return model, processor
+    return _llava_like(out_dir, "LlavaNext", image_size, seed, {"image_grid_pinpoints": pins},
+                       image_grid_pinpoints=pins)
 
 
 def qwen(out_dir: str, version: str = "2", seed: int = 0):

@@ -1,6 +1,7 @@
 """Misconfigurations fail when the engine starts (in the front end, when vLLM builds the multimodal
 processor, before the engine core process exists), with a ValueError that names the setting and the
-expected form (a TypeError for a checkpoint of another model type); plus the checks that need the worker's whole configuration, on the function itself."""
+expected form (a TypeError for a checkpoint of another model type); plus the checks that need the
+worker's whole configuration, on the function itself."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def fails(path: str, match: str, error: type = ValueError, **kwargs) -> None:
 
 @pytest.mark.parametrize("overrides,match", [
     ({"architectures": [LLAVA]}, r"must set 'visionzip_budget'"),
-    ({"architectures": [LLAVA], "visionzip_budget": 38}, r"'visionzip_budget'=38 is larger than the 37 tokens of a crop"),
+    ({"architectures": [LLAVA], "visionzip_budget": 38},
+     r"'visionzip_budget'=38 is larger than the 37 tokens of a crop"),
     ({"architectures": [LLAVA], "visionzip_budget": "64"}, r"'visionzip_budget' must be an int; got '64'"),
     ({"architectures": [LLAVA], "visionzip_budget": 8, "visionzip_contextual": 8}, r"contextual < budget"),
     ({"architectures": [LLAVA], "visionzip_budget": 8, "vision_feature_layer": [-2, -1]},

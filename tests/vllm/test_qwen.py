@@ -4,7 +4,8 @@ Checked per model: placeholder counts (small images keep all their merged tokens
 and kept tokens, the M-RoPE positions the language model receives (each kept token at the position of
 the token it stands for, text after an image as without reduction), greedy tokens; Qwen2-VL also at
 tensor parallel 2. The Qwen2-VL engine runs with vLLM's default compilation (the language model
-compiled, the positions fixed before it), the others eager. Tolerances as in test_llava.py.
+compiled, the positions fixed before it), the others eager; the Qwen2.5-VL engine prefills in chunks
+of 16 tokens, so an image's tokens arrive over two steps. Tolerances as in test_llava.py.
 """
 
 from __future__ import annotations
@@ -42,8 +43,11 @@ def qwen(request, qwen2_ckpt, qwen25_ckpt):
     """(version, engine, transformers model with apply_visionzip, processor)."""
     version = request.param
     path, model, processor = qwen2_ckpt if version == "2" else qwen25_ckpt
-    llm = start_engine(path, hf_overrides=hf_overrides(ARCH[version], BUDGET), enforce_eager=version != "2",
-                       limit_mm_per_prompt={"image": 2, "video": 0})
+    # Qwen2.5-VL: 16 tokens per step, so prompts are prefilled in chunks that split an image's tokens
+    # (and its tower runs hold at most 16 merged tokens of images, one image if larger)
+    options = dict(enforce_eager=False) if version == "2" else dict(max_num_batched_tokens=16)
+    llm = start_engine(path, hf_overrides=hf_overrides(ARCH[version], BUDGET),
+                       limit_mm_per_prompt={"image": 2, "video": 0}, **options)
     llm.apply_model(probes.record)
     handle = apply_visionzip(model, budget=BUDGET, processor=processor)
     yield version, llm, model, processor
@@ -70,6 +74,12 @@ def hf_reference(model, processor, images, prompt: str, n: int = 6):
     return inputs, feats, seen["positions"][-3:, 0], out[0, inputs.input_ids.shape[1]:].tolist()
 
 
+def prefill_positions(calls: list[dict], length: int) -> torch.Tensor:
+    """The (3, length) positions of a prompt prefilled by the first forward calls (one request, one or
+    several chunks)."""
+    return torch.cat([c["positions"] for c in calls], dim=1)[:, :length]
+
+
 def check_against_transformers(llm, model, processor, images, prompt):
     out = greedy(llm, [{"prompt": prompt, "multi_modal_data": {"image": images}}])[0]
     got = llm.apply_model(probes.take)[0]
@@ -83,10 +93,10 @@ def check_against_transformers(llm, model, processor, images, prompt):
         rows, _ = detach_positions(emb, width)
         torch.testing.assert_close(rows, feats.pooler_output[i], rtol=1e-4, atol=1e-5)
         assert torch.equal(got["kept"][i][0], feats.kept_indices[i])
-    prefill = got["forward"][0]["positions"][:, : len(out.prompt_token_ids)]
+    prefill = prefill_positions(got["forward"], len(out.prompt_token_ids))
     assert torch.equal(prefill, positions.to(prefill))
     assert list(out.outputs[0].token_ids) == tokens
-    return prefill
+    return prefill, got["forward"][0]["positions"].shape[1]
 
 
 def test_placeholder_counts(qwen):
@@ -107,7 +117,7 @@ def test_placeholder_counts(qwen):
 
 def test_features_positions_and_tokens_match_transformers(qwen):
     _, llm, model, processor = qwen
-    prefill = check_against_transformers(llm, model, processor, [image(3, 100, 90)], QWEN_PROMPT)
+    prefill, _ = check_against_transformers(llm, model, processor, [image(3, 100, 90)], QWEN_PROMPT)
     # the kept tokens do not sit on consecutive positions: their own (h, w) in the grid
     image_id = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     ids = torch.tensor(processor(images=[image(3, 100, 90)], text=QWEN_PROMPT).input_ids[0])
@@ -116,8 +126,11 @@ def test_features_positions_and_tokens_match_transformers(qwen):
 
 def test_two_images_of_different_grids(qwen):
     """The second image's and the text's positions follow the first image's full extent."""
-    _, llm, model, processor = qwen
-    check_against_transformers(llm, model, processor, [image(4, 150, 130), image(5, 84, 168)], TWO_IMAGES)
+    version, llm, model, processor = qwen
+    prefill, first_step = check_against_transformers(llm, model, processor, [image(4, 150, 130), image(5, 84, 168)],
+                                                     TWO_IMAGES)
+    if version == "2.5":  # prefilled in chunks of 16 tokens
+        assert first_step == 16 < prefill.shape[1]
 
 
 def test_small_image_is_kept_whole(qwen):
@@ -140,7 +153,7 @@ def test_tensor_parallel_2(qwen2_ckpt):
         assert list(out.outputs[0].token_ids) == tokens
         for rank in llm.apply_model(probes.take):
             assert [k[0].tolist() for k in rank["kept"]] == [k.tolist() for k in feats.kept_indices]
-            prefill = rank["forward"][0]["positions"][:, : len(out.prompt_token_ids)]
+            prefill = prefill_positions(rank["forward"], len(out.prompt_token_ids))
             assert torch.equal(prefill, positions.to(prefill))
     finally:
         handle.remove()

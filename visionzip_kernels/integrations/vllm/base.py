@@ -9,12 +9,16 @@ VisionZip architecture). vLLM internals relied on are listed in docs/vllm.md.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import torch
 
 from ..core import Capture, Reducer, Reduction, Selection, VisionZip, mean_keys, selection_scores, split_heads
 from ...ops.compress import CompressResult
+from . import TESTED_VLLM
+
+logger = logging.getLogger("visionzip_kernels.integrations.vllm")
 
 #: hf_overrides keys (read from the model's hf_config after vLLM applied the overrides).
 BUDGET_KEY = "visionzip_budget"
@@ -51,7 +55,9 @@ def reducer_from_config(hf_config: Any, architecture: str) -> Reducer:
     try:
         return VisionZip(budget, contextual=contextual)
     except ValueError as exc:
-        raise config_error(architecture, f"'{BUDGET_KEY}'={budget!r}, '{CONTEXTUAL_KEY}'={contextual!r}: {exc}.") from None
+        raise config_error(
+            architecture, f"'{BUDGET_KEY}'={budget!r}, '{CONTEXTUAL_KEY}'={contextual!r}: {exc}."
+        ) from None
 
 
 def check_model_type(model_config: Any, architecture: str, model_types: tuple[str, ...]) -> None:
@@ -103,6 +109,18 @@ class VisionZipInfo:
         return cached
 
 
+def untested_vllm(version: str) -> Optional[str]:
+    """A warning when vLLM ``version`` is outside :data:`TESTED_VLLM` (the internals this plugin relies on,
+    docs/vllm.md, may have moved), else None."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if Version(Version(version).base_version) in SpecifierSet(TESTED_VLLM):
+        return None
+    return (f"VisionZip: vLLM {version} is outside the tested range {TESTED_VLLM}; docs/vllm.md lists the vLLM "
+            "internals the plugin relies on (check the tests/vllm suite passes with this version)")
+
+
 class CheckedProcessor:
     """Mixin for a family's multimodal processor: runs the info's checks when vLLM builds the processor,
     in the front end when the engine starts. (Not in the info's constructor: vLLM also builds an info
@@ -111,6 +129,11 @@ class CheckedProcessor:
     def __init__(self, info: Any, dummy_inputs: Any) -> None:
         super().__init__(info, dummy_inputs)  # type: ignore[call-arg]
         info.reducer  # noqa: B018 - raises on a misconfigured engine
+        import vllm
+
+        warning = untested_vllm(vllm.__version__)
+        if warning:
+            logger.warning(warning)
 
 
 def clip_tokens(vision_config: Any) -> int:
@@ -142,6 +165,13 @@ def check_clip_tower(hf_config: Any, reducer: Reducer, architecture: str) -> Non
             f"'{BUDGET_KEY}'={budget} is larger than the {n} tokens of a crop "
             f"({vision.image_size} px / patch {vision.patch_size}, CLS included): use 1..{n}.",
         )
+
+
+def check_clip_model(model_config: Any, architecture: str) -> Reducer:
+    """:func:`check_model_config` and :func:`check_clip_tower`; returns the reducer."""
+    reducer = check_model_config(model_config, architecture)
+    check_clip_tower(model_config.hf_config, reducer, architecture)
+    return reducer
 
 
 def check_engine(vllm_config: Any, architecture: str, *, positions: bool) -> None:
@@ -258,6 +288,37 @@ def reject_embeddings(kwargs: dict, architecture: str) -> None:
     them here too rather than feed unreduced rows to a prompt sized for reduced ones."""
     if kwargs.get("image_embeds") is not None:
         raise config_error(architecture, "image embeddings as inputs bypass the vision tower; pass images.")
+
+
+def uncompressed_crop_tokens(hf_config: Any) -> int:
+    """LLM tokens the unpatched model gives one CLIP crop (576 for CLIP-L/336, "default" strategy)."""
+    from vllm.model_executor.models.vision import get_num_selected_vision_tokens
+
+    strategy = hf_config.vision_feature_select_strategy
+    return get_num_selected_vision_tokens(clip_tokens(hf_config.vision_config), strategy)
+
+
+class ClipVisionZipModel:
+    """The VisionZip part of the LLaVA and LLaVA-NeXT model classes (mixed in before vLLM's class):
+    the reducer, the checks, and ``visionzip`` (a :class:`ClipSelection` on the model's tower, run on at
+    most as many crops at a time as the unpatched engine's encoder budget holds)."""
+
+    architecture: str
+    # The tower runs on all patches but the LLM gets fewer rows: vLLM's tower-LoRA token mapping
+    # (one tower token per embedding) would not hold.
+    supports_tower_connector_lora = False
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
+        config = vllm_config.model_config.hf_config
+        self.reducer = reducer_from_config(config, self.architecture)
+        check_clip_tower(config, self.reducer, self.architecture)
+        max_crops = encoder_budget(vllm_config) // uncompressed_crop_tokens(config)
+        self.visionzip = ClipSelection(self.vision_tower, self.reducer, max_crops)  # type: ignore[attr-defined]
+
+    def _parse_and_validate_image_input(self, **kwargs: object) -> Any:
+        reject_embeddings(kwargs, self.architecture)
+        return super()._parse_and_validate_image_input(**kwargs)  # type: ignore[misc]
 
 
 # --------------------------------------------------------------------------------------------

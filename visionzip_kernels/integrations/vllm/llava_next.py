@@ -23,20 +23,7 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..core import ANYRES_LAYOUTS, anyres_order, anyres_rows
-from .base import (
-    CheckedProcessor,
-    ClipSelection,
-    VisionZipInfo,
-    check_clip_tower,
-    check_engine,
-    check_model_config,
-    clip_tokens,
-    config_error,
-    encoder_budget,
-    reducer_from_config,
-    reject_embeddings,
-)
-from .llava import uncompressed_crop_tokens
+from .base import CheckedProcessor, ClipVisionZipModel, VisionZipInfo, check_clip_model, clip_tokens, config_error
 
 ARCHITECTURE = "VisionZipLlavaNextForConditionalGeneration"
 LAYOUT_KEY = "visionzip_layout"
@@ -63,10 +50,8 @@ class VisionZipLlavaNextProcessingInfo(VisionZipInfo, LlavaNextProcessingInfo):
     architecture, model_types = ARCHITECTURE, ("llava_next",)
 
     def visionzip_check(self):
-        config = self.ctx.model_config.hf_config
-        reducer = check_model_config(self.ctx.model_config, ARCHITECTURE)
-        check_clip_tower(config, reducer, ARCHITECTURE)
-        layout_from_config(config)
+        reducer = check_clip_model(self.ctx.model_config, ARCHITECTURE)
+        layout_from_config(self.ctx.model_config.hf_config)
         return reducer
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
@@ -83,24 +68,14 @@ class VisionZipLlavaNextMultiModalProcessor(CheckedProcessor, LlavaNextMultiModa
 @MULTIMODAL_REGISTRY.register_processor(
     VisionZipLlavaNextMultiModalProcessor, info=VisionZipLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class VisionZipLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class VisionZipLlavaNextForConditionalGeneration(ClipVisionZipModel, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT with each crop reduced by VisionZip (``hf_overrides`` opt-in)."""
 
-    supports_tower_connector_lora = False  # tower tokens != embeddings, see llava.py
+    architecture = ARCHITECTURE
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        config = vllm_config.model_config.hf_config
-        self.reducer = reducer_from_config(config, ARCHITECTURE)
-        check_clip_tower(config, self.reducer, ARCHITECTURE)
-        check_engine(vllm_config, ARCHITECTURE, positions=False)
-        self.visionzip_layout = layout_from_config(config)
-        max_crops = encoder_budget(vllm_config) // uncompressed_crop_tokens(config)
-        self.visionzip = ClipSelection(self.vision_tower, self.reducer, max_crops)
-
-    def _parse_and_validate_image_input(self, **kwargs: object):
-        reject_embeddings(kwargs, ARCHITECTURE)
-        return super()._parse_and_validate_image_input(**kwargs)
+        self.visionzip_layout = layout_from_config(vllm_config.model_config.hf_config)
 
     def _process_image_input(self, image_input: Any) -> list[torch.Tensor]:
         """Per image: its crops reduced (batch padding crops dropped), projected, laid out."""

@@ -90,8 +90,9 @@ class _ReducedImageInfo(VisionZipInfo):
 
 
 class _ReducedImageProcessor(CheckedProcessor):
-    """Multimodal processor (checking the settings when built) whose image placeholders are the reduced count of the image's merged
-    tokens (vLLM counts them from ``image_grid_thw`` here, not from the processing info)."""
+    """Multimodal processor (checking the settings when built) whose image placeholders are the
+    reduced count of the image's merged tokens (vLLM counts them from ``image_grid_thw`` here, not
+    from the processing info)."""
 
     def _get_prompt_updates(self, mm_items: Any, hf_processor_mm_kwargs: Any, out_mm_kwargs: Any) -> list:
         updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)  # type: ignore[misc]
@@ -104,7 +105,8 @@ class _ReducedImageProcessor(CheckedProcessor):
             return [config.image_token_id] * info.reducer.tokens(int(grid.prod()) // merge**2)
 
         return [
-            PromptReplacement(modality="image", target=u.target, replacement=replacement) if u.modality == "image" else u
+            PromptReplacement(modality="image", target=u.target, replacement=replacement)
+            if u.modality == "image" else u
             for u in updates
         ]
 
@@ -113,7 +115,7 @@ class _VisionZipQwen:
     """The VisionZip part of both Qwen model classes (mixed in before vLLM's class)."""
 
     architecture: str
-    supports_tower_connector_lora = False  # tower tokens != embeddings, see llava.py
+    supports_tower_connector_lora = False  # tower tokens != embeddings, see base.ClipVisionZipModel
 
     def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
@@ -197,7 +199,8 @@ class _VisionZipQwen:
             features.append(dataclasses.replace(
                 feature, mm_position=dataclasses.replace(place, offset=place.offset + shift, length=length)))
             shift += length - place.length
-        expanded, _ = super().get_mrope_input_positions([0] * (len(input_tokens) + shift), features)  # type: ignore[misc]
+        expanded_tokens = [0] * (len(input_tokens) + shift)  # only their number matters
+        expanded, _ = super().get_mrope_input_positions(expanded_tokens, features)  # type: ignore[misc]
         first = [torch.zeros(end - start, dtype=torch.int64) for start, end in runs]
         positions = expanded[:, expand_runs(len(input_tokens), runs, full, first)]
         return positions, int(positions.max()) + 1 - len(input_tokens)
@@ -207,7 +210,8 @@ class _VisionZipQwen:
         """Strip the position channels of the image rows and keep their offsets for ``forward``."""
         self._visionzip_offsets = None
         if multimodal_embeddings is None or is_multimodal is None or len(multimodal_embeddings) == 0:
-            return super().embed_input_ids(input_ids, multimodal_embeddings, is_multimodal=is_multimodal)  # type: ignore[misc]
+            return super().embed_input_ids(  # type: ignore[misc]
+                input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
         rows, offsets = [], []
         for embedding in multimodal_embeddings:
             r, o = detach_positions(embedding, self.visionzip_width)
@@ -221,11 +225,12 @@ class _VisionZipQwen:
         """Add the kept tokens' grid coordinates to the positions of this batch's image tokens (in
         place: the runner refills its position buffer every step), then vLLM's forward."""
         offsets, self._visionzip_offsets = self._visionzip_offsets, None
-        if offsets is not None and positions.dim() == 2:
+        if offsets is not None and positions.dim() == 2 and offsets[0].numel() <= positions.shape[1]:
             mask, delta = offsets
             index = mask.to(positions.device).nonzero().squeeze(1)
             positions[:, index] += delta.to(positions)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)  # type: ignore[misc]
+        return super().forward(  # type: ignore[misc]
+            input_ids, positions, intermediate_tensors, inputs_embeds, **kwargs)
 
 
 class VisionZipQwen2VLProcessingInfo(_ReducedImageInfo, Qwen2VLProcessingInfo):

@@ -14,7 +14,7 @@ import pytest
 
 from tests.vllm.conftest import start_engine
 from visionzip_kernels.integrations.vllm import hf_overrides
-from visionzip_kernels.integrations.vllm.base import check_engine, micro_batches, reject_embeddings
+from visionzip_kernels.integrations.vllm.base import check_position_engine, micro_batches, reject_embeddings
 
 LLAVA = "VisionZipLlavaForConditionalGeneration"
 
@@ -79,7 +79,7 @@ def test_qwen_engine_options(qwen25_ckpt):
 
 
 def test_worker_side_checks():
-    """Checked where the model is built (the worker has the whole configuration)."""
+    """Checked where a Qwen model is built (the worker has the whole configuration)."""
 
     class Mode:
         def __init__(self, name, mixed):
@@ -92,12 +92,11 @@ def test_worker_side_checks():
         return SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=pp),
                                compilation_config=SimpleNamespace(cudagraph_mode=mode))
 
-    check_engine(config(), "X", positions=True)
-    check_engine(config(pp=2), "X", positions=False)  # LLaVA: no positions carried, PP is fine
+    check_position_engine(config(), "X")
     with pytest.raises(ValueError, match="pipeline parallelism is not supported"):
-        check_engine(config(pp=2), "X", positions=True)
+        check_position_engine(config(pp=2), "X")
     with pytest.raises(ValueError, match="cudagraph_mode=FULL replays batches with prefill"):
-        check_engine(config(mode=Mode("FULL", "FULL")), "X", positions=True)
+        check_position_engine(config(mode=Mode("FULL", "FULL")), "X")
 
 
 def test_micro_batches():

@@ -174,13 +174,10 @@ def check_clip_model(model_config: Any, architecture: str) -> Reducer:
     return reducer
 
 
-def check_engine(vllm_config: Any, architecture: str, *, positions: bool) -> None:
-    """Checks that need the whole engine configuration (run in the worker, at model construction).
-
-    positions: the model carries M-RoPE offsets from ``embed_input_ids`` to ``forward`` (Qwen), which
-    needs both on the same rank and a Python ``forward`` on every batch with prefill tokens."""
-    if not positions:
-        return
+def check_position_engine(vllm_config: Any, architecture: str) -> None:
+    """Checks that need the whole engine configuration (run in the worker, at model construction) for
+    a model that carries M-RoPE offsets from ``embed_input_ids`` to ``forward`` (Qwen): both must run
+    on the same rank, and every batch with prefill tokens must run the Python ``forward``."""
     if vllm_config.parallel_config.pipeline_parallel_size > 1:
         raise config_error(architecture, "pipeline parallelism is not supported (tensor parallelism is).")
     mode = vllm_config.compilation_config.cudagraph_mode

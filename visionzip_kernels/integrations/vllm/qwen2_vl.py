@@ -43,7 +43,7 @@ from .base import (
     CheckedProcessor,
     VisionZipInfo,
     attach_positions,
-    check_engine,
+    check_position_engine,
     check_model_config,
     combine_heads,
     config_error,
@@ -121,7 +121,7 @@ class _VisionZipQwen:
         super().__init__(vllm_config=vllm_config, prefix=prefix)  # type: ignore[call-arg]
         config = vllm_config.model_config.hf_config
         self.reducer = reducer_from_config(config, self.architecture)
-        check_engine(vllm_config, self.architecture, positions=True)
+        check_position_engine(vllm_config, self.architecture)
         if vllm_config.compilation_config.compile_mm_encoder:
             raise config_error(self.architecture, "compile_mm_encoder is not supported (scores are read by hooks).")
         self.visionzip_block = full_attention_block(self.visual)
@@ -163,15 +163,14 @@ class _VisionZipQwen:
             raise config_error(self.architecture, "image embeddings as inputs bypass the vision tower; pass images.")
         grids = image_input["image_grid_thw"].tolist()
         pixel_values = image_input["pixel_values"]
-        unit = self.visual.spatial_merge_size**2
+        merge = self.visual.spatial_merge_size
         patches = [t * h * w for t, h, w in grids]
         starts = torch.tensor([0] + patches).cumsum(0).tolist()
         out: list[torch.Tensor] = []
-        for lo, hi in micro_batches([p // unit for p in patches], self.visionzip_budget_tokens):
+        for lo, hi in micro_batches([p // merge**2 for p in patches], self.visionzip_budget_tokens):
             reductions = self._visionzip_encode(pixel_values[starts[lo] : starts[hi]], grids[lo:hi])
             for reduction, (t, h, w) in zip(reductions, grids[lo:hi]):
-                m = self.visual.spatial_merge_size
-                coords = grid_coordinates(reduction.kept_indices[0], (t, h // m, w // m))
+                coords = grid_coordinates(reduction.kept_indices[0], (t, h // merge, w // merge))
                 out.append(attach_positions(reduction.features[0], coords))
         return tuple(out)
 

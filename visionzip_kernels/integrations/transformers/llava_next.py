@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..core import Reducer, official_anyres_order
+from ..core import ANYRES_LAYOUTS, Reducer, anyres_order
+from ..core import anyres_rows as image_rows
 from ._core import (
     Family,
     Handle,
@@ -31,7 +32,7 @@ from ._core import (
 )
 from .llava import clip_tokens
 
-LAYOUTS = ("official", "per_crop")
+LAYOUTS = ANYRES_LAYOUTS
 
 
 def num_crops(image_size: Any, grid_pinpoints: list, crop_size: int) -> int:
@@ -54,13 +55,6 @@ def crop_grid(image_size: Any, grid_pinpoints: list, crop_size: int) -> tuple[in
 def has_cls_token(tower: torch.nn.Module) -> bool:
     """CLIP towers (LLaVA-NeXT) have a CLS token; SigLIP (OneVision) does not."""
     return getattr(tower.embeddings, "class_embedding", None) is not None
-
-
-def image_rows(crops: int, k: int, layout: str) -> int:
-    """Rows an image of ``crops`` crops (base included) becomes, k reduced rows per crop."""
-    if layout == "official" and crops > 1:
-        return crops * k
-    return crops * k + 1  # per crop, or a single crop: its rows and one image_newline
 
 
 def encode_crops(
@@ -90,16 +84,9 @@ def encode_crops(
     features, orders, split = [], [], 0
     for size, n in zip(image_sizes, crops):
         rows = torch.cat([projected[split : split + n].flatten(0, 1), newline])  # row n * k: the newline
-        if layout == "official" and n > 1:
-            if reduced.details is None:
-                raise NotImplementedError(f"{handle.reducer.name}: the official layout needs dominant indices")
-            order = official_anyres_order(
-                reduced.details.dominant_indices[split : split + n], k,
-                crop_grid(size, config.image_grid_pinpoints, vision.image_size),
-                vision.image_size // vision.patch_size, has_cls=has_cls,
-            )
-        else:
-            order = torch.arange(n * k + 1, device=rows.device)
+        dominant = reduced.details.dominant_indices[split : split + n] if reduced.details is not None else None
+        order = anyres_order(layout, n, k, dominant, crop_grid(size, config.image_grid_pinpoints, vision.image_size),
+                             vision.image_size // vision.patch_size, has_cls=has_cls, device=rows.device)
         features.append(rows[order])
         orders.append(order)
         split += n

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..core import Reducer, Selection, mean_keys, merge_unit_mean, selection_scores
+from ..core import Reducer, Selection, expand_runs, merged_unit_selection
 from ._compat import HAS_MM_ENCODER_OUTPUTS
 from ._core import Capture, Family, Handle, output_class, patch_placeholder_check, register_family
 
@@ -42,14 +42,7 @@ def unit_scores_and_keys(
     q, k, _ = qkv.reshape(seq, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (S, H, d)
     rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
     q_rot, k_rot = rotate(q, k, cos, sin)  # scores see the attention the block computes (RoPE'd)
-    # Packed images attend within themselves (cu_seqlens): one received-attention pass over all.
-    scores = selection_scores(q_rot.transpose(0, 1)[None], k_rot.transpose(0, 1)[None], attn.scaling,
-                              has_cls=False, cu_seqlens=cu_seqlens)[0]
-    unit = visual.spatial_merge_size**2
-    # Keys for the cosine metric: projections without RoPE (a rotation would make similarity positional).
-    keys = mean_keys(k.transpose(0, 1)[None])[0]
-    unit_scores = merge_unit_mean(scores, unit)
-    unit_keys = merge_unit_mean(keys, unit)
+    order = None
     if getattr(visual, "fullatt_block_indexes", None) is not None:  # Qwen2.5-VL: undo the window order
         from transformers.vision_utils import get_vision_window_index
 
@@ -57,9 +50,9 @@ def unit_scores_and_keys(
             grid_thw, spatial_merge_size=visual.spatial_merge_size, window_size=visual.window_size,
             patch_size=visual.patch_size,
         )
-        reverse = torch.argsort(window_index.to(unit_scores.device))
-        unit_scores, unit_keys = unit_scores[reverse], unit_keys[reverse]
-    return unit_scores, unit_keys
+        order = torch.argsort(window_index.to(qkv.device))
+    # Packed images attend within themselves (cu_seqlens); keys without RoPE for the cosine metric.
+    return merged_unit_selection(q_rot, k_rot, k, attn.scaling, cu_seqlens, visual.spatial_merge_size**2, order)
 
 
 def modality_runs(types_row: torch.Tensor, valid_row: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -128,8 +121,8 @@ def rope_index(
     names = {1: "image", 2: "video"}
     rows, index_maps = [], []
     for b in range(batch):
-        pieces_ids, pieces_types, pieces_valid, index_map = [], [], [], []
-        cursor, expanded = 0, 0
+        pieces_ids, pieces_types, pieces_valid, runs, fulls, orders = [], [], [], [], [], []
+        cursor = 0
         for start, end, kind in modality_runs(mm_token_type_ids[b], valid[b]):
             if not queues.get(kind):
                 raise ValueError(f"VisionZip: more {names[kind]} placeholder runs in the prompt than {names[kind]}s")
@@ -141,20 +134,18 @@ def rope_index(
                     f"VisionZip: a {names[kind]} run has {run} placeholder tokens but its features have "
                     f"{order.numel()} reduced rows (of {spec.full}). " + hint
                 )
-            text = start - cursor
             pieces_ids += [input_ids[b, cursor:start], input_ids.new_full((spec.full,), int(input_ids[b, start]))]
             pieces_types += [mm_token_type_ids[b, cursor:start], mm_token_type_ids.new_full((spec.full,), kind)]
             pieces_valid += [valid[b, cursor:start], valid.new_ones(spec.full)]
-            index_map += [torch.arange(text, device=device) + expanded, order + expanded + text]
-            expanded += text + spec.full
+            runs.append((start, end))
+            fulls.append(spec.full)
+            orders.append(order)
             cursor = end
-        tail = length - cursor
         pieces_ids.append(input_ids[b, cursor:])
         pieces_types.append(mm_token_type_ids[b, cursor:])
         pieces_valid.append(valid[b, cursor:])
-        index_map.append(torch.arange(tail, device=device) + expanded)
         rows.append((torch.cat(pieces_ids), torch.cat(pieces_types), torch.cat(pieces_valid)))
-        index_maps.append(torch.cat(index_map))
+        index_maps.append(expand_runs(length, runs, fulls, orders).to(device))
     width = max(r[0].numel() for r in rows)
     ids = input_ids.new_zeros(batch, width)
     types = mm_token_type_ids.new_zeros(batch, width)

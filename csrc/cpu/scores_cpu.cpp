@@ -8,12 +8,11 @@
 //   pass 2, parallel over (image, head, key tile): sum over the query tiles of exp(s - lse).
 // Only (B, H, N) vectors (lse, per-head column sums) and one tile per thread are stored. Every
 // output element is produced by one thread in a fixed order (tiles ascending, heads ascending),
-// so results are bit-identical across runs and thread counts (on one machine: the AVX2 and
-// portable builds of the kernels, chosen at run time, round differently).
+// so results are bit-identical across runs and thread counts for one instruction-set path.
 //
-// The kernels (scores_kernels.inc) are compiled twice: portable, and for AVX2 + FMA inside a
-// `#pragma GCC target` region (the extension is built for the baseline x86-64 ISA), picked at run
-// time by CPU feature.
+// The kernels (scores_kernels.inc) are compiled three times: portable, AVX2 + FMA and AVX-512
+// inside `#pragma GCC target` regions (the extension is built for the baseline x86-64 ISA),
+// picked at run time by CPU feature (isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -85,6 +84,7 @@ struct Vec32<double> {
 };
 
 namespace portable {
+constexpr CpuIsa kIsa = CpuIsa::kBaseline;
 #include "scores_kernels.inc"
 }  // namespace portable
 
@@ -93,8 +93,18 @@ namespace portable {
 #pragma GCC target("avx2,fma")
 #pragma GCC optimize("fp-contract=fast")  // a * b + c -> FMA (ISO C++ mode does not contract)
 namespace avx2 {
+constexpr CpuIsa kIsa = CpuIsa::kAvx2;
 #include "scores_kernels.inc"
 }  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma", "prefer-vector-width=512")
+#pragma GCC optimize("fp-contract=fast")
+namespace avx512 {
+constexpr CpuIsa kIsa = CpuIsa::kAvx512;
+#include "scores_kernels.inc"
+}  // namespace avx512
 #pragma GCC pop_options
 #endif
 

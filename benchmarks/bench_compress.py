@@ -3,6 +3,7 @@ torch.compile of the reference, on named VLM workloads.
 
     python benchmarks/bench_compress.py                       # default workloads, table + JSON + PNG
     python benchmarks/bench_compress.py --workloads llava15-b8 video --dtype float32
+    python benchmarks/bench_compress.py --skip eager "compile(reference)" reference --cpu-isa avx2 --no-save
 
 Every row is a median over repeated calls, all methods of a workload measured side by side in one
 run. Columns: median ms per call, speedup over eager, and the memory floor: the bytes the call must
@@ -79,6 +80,22 @@ def machine_name(device: torch.device) -> str:
     except (OSError, StopIteration):
         model = platform.processor() or platform.machine()
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def cpu_isa_path() -> str:
+    """The CPU kernels' instruction-set path in this process: VISIONZIP_CPU_ISA, else the widest the
+    CPU has (csrc/cpu/isa.h picks by the same flags)."""
+    forced = os.environ.get("VISIONZIP_CPU_ISA")
+    if forced:
+        return forced
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "baseline"
 
 
 def make_inputs(w: Workload, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
@@ -205,6 +222,7 @@ def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = N
         torch=torch.__version__,
         dtype=args.dtype,
         copy_bandwidth_gbs=bw,
+        cpu_isa=cpu_isa_path() if device.type == "cpu" else None,
         copy_bandwidth=("device-to-device copy_ of 256 MiB" if bw is not None else
                         "per workload (rows' copy_gbs): warm copy_ of its largest needed input (hidden; attn "
                         "without CLS) into a pre-allocated tensor, bytes read + written over the median time"),
@@ -257,7 +275,8 @@ def format_table(result: dict) -> str:
     head = f"{'workload':<12} {'method':<19} {'ms':>9} {'x eager':>8} {'x clone':>8} {'MB moved':>9}"
     head += f" {'device ms':>10} {'% copy BW':>9}" if gpu else ""
     head += f" {'GB/s':>7} {'copy GB/s':>9} {'% copy BW':>9}" if cpu_bw else ""
-    lines = [f"visionzip compress, {result['dtype']}, {result['machine']}, torch {result['torch']}", head,
+    isa = f", CPU kernels: {result['cpu_isa']}" if result.get("cpu_isa") else ""
+    lines = [f"visionzip compress, {result['dtype']}, {result['machine']}, torch {result['torch']}{isa}", head,
              "-" * len(head)]
     for r in result["rows"]:
         line = (f"{r['workload']:<12} {r['method']:<19} {r['ms']:>9.3f} "
@@ -312,7 +331,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/compress-<device>-<dtype>.json)")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--no-plot", action="store_true", help="write the JSON but no PNG")
+    p.add_argument("--cpu-isa", choices=["baseline", "avx2", "avx512"], default=None,
+                   help="the CPU kernels' instruction-set path (VISIONZIP_CPU_ISA; default: the widest the CPU has)")
     args = p.parse_args(argv)
+    if args.cpu_isa:
+        os.environ["VISIONZIP_CPU_ISA"] = args.cpu_isa  # read once, at the first kernel call (after this)
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     out = None
     if not args.no_save:

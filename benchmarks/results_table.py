@@ -22,7 +22,8 @@ def markdown(result: dict) -> str:
     head += " best GB/s | copy GB/s | best % of copy BW |" if cpu_bw else ""
     both = any({"cuda", "triton"} <= {r["method"] for r in result["rows"] if r["workload"] == w} for w in workloads)
     head += " triton / cuda time (device) |" if both else ""
-    lines = [f"{result['machine']}, torch {result['torch']}, {result['dtype']} (medians, one run)", "", head,
+    isa = f", CPU kernels: {result['cpu_isa']}" if result.get("cpu_isa") else ""
+    lines = [f"{result['machine']}, torch {result['torch']}, {result['dtype']}{isa} (medians, one run)", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for w in workloads:
         rows = {r["method"]: r for r in result["rows"] if r["workload"] == w}

@@ -62,18 +62,6 @@ inline double resolve_scale(std::optional<double> scale, int64_t d) {
 }
 
 
-// 32-byte GCC vector types of the tile micro-kernel.
-template <typename T>
-struct Vec32;
-template <>
-struct Vec32<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec32<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
 namespace portable {
 constexpr CpuIsa kIsa = CpuIsa::kBaseline;
 #include "scores_kernels.inc"

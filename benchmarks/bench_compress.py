@@ -3,14 +3,19 @@ torch.compile of the reference, on named VLM workloads.
 
     python benchmarks/bench_compress.py                       # default workloads, table + JSON + PNG
     python benchmarks/bench_compress.py --workloads llava15-b8 video --dtype float32
+    python benchmarks/bench_compress.py --skip eager "compile(reference)" reference --cpu-isa avx2 --no-save
 
 Every row is a median over repeated calls, all methods of a workload measured side by side in one
 run. Columns: median ms per call, speedup over eager, and the memory floor: the bytes the call must
-move (each needed input byte read once, the output written once), the time of one copy of the
-largest needed input (``clone``: reads and writes it once), and on GPU the package kernels' device
-time per call (one CUDA graph of calls, replayed: no launch overhead) and the fraction of the measured
-device-to-device copy bandwidth reached on those bytes in that time. On GPU every call takes the next
-of several copies of the inputs, so that the bytes come from device memory, not from the L2 cache.
+move (each needed input byte read once, the outputs, indices included, written once), the time of one
+copy of the largest needed input (``clone``: reads and writes it once), and the fraction of a measured
+copy bandwidth reached on those bytes. On CPU that bandwidth is a warm ``copy_`` of the workload's
+largest needed input (hidden; the attention matrix without CLS) into a pre-allocated tensor, timed in
+the same run (bytes read + written over its median time), so the small workloads are compared with a
+copy in the same cache level as their own data. On GPU it is one device-to-device copy of 256 MiB,
+and the fraction is taken on the package kernels' device time per call (one CUDA graph of calls,
+replayed: no launch overhead). On GPU every call takes the next of several copies of the inputs, so
+that the bytes come from device memory, not from the L2 cache.
 """
 
 from __future__ import annotations
@@ -77,6 +82,22 @@ def machine_name(device: torch.device) -> str:
     return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def cpu_isa_path() -> str:
+    """The CPU kernels' instruction-set path in this process: VISIONZIP_CPU_ISA, else the widest the
+    CPU has (csrc/cpu/isa.h picks by the same flags)."""
+    forced = os.environ.get("VISIONZIP_CPU_ISA")
+    if forced:
+        return forced
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return "unknown"
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "baseline"
+
+
 def make_inputs(w: Workload, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:
     """Random inputs shaped like the selection layer's tensors (full attention probabilities)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -104,9 +125,11 @@ def input_sets(w: Workload, dtype: torch.dtype, device: torch.device, max_bytes:
 
 def bytes_moved(w: Workload, es: int) -> int:
     """Bytes a compress call must move: hidden read once, CLS rows (or the whole matrix for received
-    attention) read once, keys read once, output written once."""
+    attention) read once, keys read once, output written once, and the int64 index outputs the op
+    writes (dominant (B, D), contextual (B, Cx), token map (B, N)) written once."""
     attn = w.batch * w.heads * w.tokens * (1 if w.has_cls else w.tokens)
-    return es * (w.batch * w.tokens * w.channels + attn + w.batch * w.tokens * w.key_dim + w.batch * w.k * w.channels)
+    data = es * (w.batch * w.tokens * w.channels + attn + w.batch * w.tokens * w.key_dim + w.batch * w.k * w.channels)
+    return data + 8 * w.batch * (w.k + w.tokens)  # D + Cx = k index entries, plus the token map
 
 
 def sync(device: torch.device) -> None:
@@ -114,25 +137,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def call_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """One call of ``fn`` in ms: CUDA events around it on a GPU, wall time on the CPU."""
+    if device.type == "cuda":
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        return s.elapsed_time(e)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def median_ms(fn: Callable[[], object], device: torch.device, min_time: float, max_reps: int = 200) -> float:
-    """Median wall time of ``fn`` in ms (CUDA: events around each call), after warm-up."""
+    """Median time of ``fn`` in ms (call_ms), after warm-up."""
     for _ in range(3):
         fn()
     sync(device)
     times: list[float] = []
     start_all = time.perf_counter()
     while len(times) < 5 or (time.perf_counter() - start_all < min_time and len(times) < max_reps):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(call_ms(fn, device))
     return statistics.median(times)
 
 
@@ -157,12 +184,14 @@ def graph_ms(fn: Callable[[dict], object], sets: list[dict], device: torch.devic
     return median_ms(graph.replay, device, min_time) / len(sets)
 
 
-def copy_bandwidth_gbs(device: torch.device) -> float:
-    """Measured device-to-device copy bandwidth, counting bytes read plus bytes written (GB/s)."""
-    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
+def copy_bandwidth_gbs(device: torch.device, src: torch.Tensor | None = None, min_time: float = 1.0) -> float:
+    """Measured copy bandwidth, counting bytes read plus bytes written (GB/s): ``dst.copy_(src)`` into a
+    pre-allocated ``dst`` (no page faults timed), warm (median_ms warms up first). ``src`` defaults
+    to 256 MiB (the GPU figure: device memory, far beyond the L2)."""
+    x = torch.empty(256 * 2**20, dtype=torch.uint8, device=device) if src is None else src
     y = torch.empty_like(x)
-    ms = median_ms(lambda: y.copy_(x), device, min_time=1.0)
-    return 2 * x.numel() / (ms * 1e-3) / 1e9
+    ms = median_ms(lambda: y.copy_(x), device, min_time=min_time)
+    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
 
 
 def methods_for(device: torch.device, skip: set[str]) -> dict[str, Callable[..., torch.Tensor]]:
@@ -197,6 +226,10 @@ def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = N
         torch=torch.__version__,
         dtype=args.dtype,
         copy_bandwidth_gbs=bw,
+        cpu_isa=cpu_isa_path() if device.type == "cpu" else None,
+        copy_bandwidth=("device-to-device copy_ of 256 MiB" if bw is not None else
+                        "per workload (rows' copy_gbs): warm copy_ of its largest needed input (hidden; attn "
+                        "without CLS) into a pre-allocated tensor, bytes read + written over the median time"),
         workloads={n: asdict(WORKLOADS[n]) for n in names},
         input_sets="CUDA: each call takes the next of several copies of the inputs (>= 4x L2 of bytes moved, "
         "<= 256 copies, <= 8 GB), so that calls stream from device memory; CPU: one set",
@@ -214,13 +247,19 @@ def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = N
         # each method as a call on one input set: timed per call here, replayed in a graph below
         calls = {m: (lambda x, f=fn: f(x["hidden"], x["attn"], x["keys"], w)) for m, fn in methods.items()}
         # the clone floor: one copy of the largest input that must be read whole
-        clone_ms = median_ms(rotating(lambda x: (x["hidden"] if w.has_cls else x["attn"]).clone()), device,
-                             args.min_time)
+        largest = "hidden" if w.has_cls else "attn"
+        clone_ms = median_ms(rotating(lambda x: x[largest].clone()), device, args.min_time)
+        # CPU: the floor is a warm copy_ of the same bytes (same size, same cache level), this run
+        copy_gbs = copy_bandwidth_gbs(device, sets[0][largest], args.min_time) if bw is None else None
         moved = bytes_moved(w, sets[0]["hidden"].element_size())
         times = {m: median_ms(rotating(call), device, args.min_time) for m, call in calls.items()}
         for mname, ms in times.items():
             row = dict(workload=name, method=mname, ms=ms, speedup_vs_eager=times["eager"] / ms if "eager" in times
-                       else None, vs_clone=ms / clone_ms, clone_ms=clone_ms, bytes_moved=moved)
+                       else None, vs_clone=ms / clone_ms, clone_ms=clone_ms, bytes_moved=moved,
+                       gbs=moved / (ms * 1e-3) / 1e9)
+            if copy_gbs is not None:
+                row["copy_gbs"] = copy_gbs
+                row["fraction_of_copy_bw"] = row["gbs"] / copy_gbs
             if bw is not None:
                 # the fused kernels' device time (graph replay) measures the kernel against the copy
                 # bandwidth; per call (ms) the launch overhead is counted too, as a user pays it
@@ -236,9 +275,12 @@ def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = N
 
 def format_table(result: dict) -> str:
     gpu = result["copy_bandwidth_gbs"] is not None
+    cpu_bw = not gpu and any("copy_gbs" in r for r in result["rows"])
     head = f"{'workload':<12} {'method':<19} {'ms':>9} {'x eager':>8} {'x clone':>8} {'MB moved':>9}"
     head += f" {'device ms':>10} {'% copy BW':>9}" if gpu else ""
-    lines = [f"visionzip compress, {result['dtype']}, {result['machine']}, torch {result['torch']}", head,
+    head += f" {'GB/s':>7} {'copy GB/s':>9} {'% copy BW':>9}" if cpu_bw else ""
+    isa = f", CPU kernels: {result['cpu_isa']}" if result.get("cpu_isa") else ""
+    lines = [f"visionzip compress, {result['dtype']}, {result['machine']}, torch {result['torch']}{isa}", head,
              "-" * len(head)]
     for r in result["rows"]:
         line = (f"{r['workload']:<12} {r['method']:<19} {r['ms']:>9.3f} "
@@ -247,10 +289,15 @@ def format_table(result: dict) -> str:
             dev = r.get("device_ms")
             line += f" {dev:>10.3f}" if dev is not None else f" {'-':>10}"
             line += f" {100 * r['fraction_of_copy_bw']:>8.1f}%"
+        if cpu_bw and "copy_gbs" in r:
+            line += f" {r['gbs']:>7.1f} {r['copy_gbs']:>9.1f} {100 * r['fraction_of_copy_bw']:>8.1f}%"
         lines.append(line)
     if gpu:
         lines.append(f"measured device-to-device copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s; "
                      "% copy BW on device ms (CUDA graph replay) where given, else on ms per call")
+    if cpu_bw:
+        lines.append("GB/s: MB moved / ms; copy GB/s: warm copy_ of the workload's largest needed input into a "
+                     "pre-allocated tensor (read + written), this run")
     return "\n".join(lines)
 
 
@@ -288,7 +335,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/compress-<device>-<dtype>.json)")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--no-plot", action="store_true", help="write the JSON but no PNG")
+    p.add_argument("--cpu-isa", choices=["baseline", "avx2", "avx512"], default=None,
+                   help="the CPU kernels' instruction-set path (VISIONZIP_CPU_ISA; default: the widest the CPU has)")
     args = p.parse_args(argv)
+    if args.cpu_isa:
+        os.environ["VISIONZIP_CPU_ISA"] = args.cpu_isa  # read once, at the first kernel call (after this)
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     out = None
     if not args.no_save:

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import visionzip_kernels as vz  # noqa: E402
-from bench_compress import machine_name, sync  # noqa: E402
+from bench_compress import call_ms, machine_name, sync  # noqa: E402
 from visionzip_kernels.baseline import group_pool_dense_eager  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -61,17 +61,7 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], device: torch.device, m
     while len(times[next(iter(fns))]) < 5 or (time.perf_counter() - start < min_time and
                                               len(times[next(iter(fns))]) < max_rounds):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                s.record()
-                fn()
-                e.record()
-                e.synchronize()
-                times[name].append(s.elapsed_time(e))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(call_ms(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -22,6 +22,15 @@ Each (pipeline, batch) runs in its own subprocess, which reports
 
     python benchmarks/bench_scores.py                 # B = 1 and B = 8, table + JSON in benchmarks/results/
     python benchmarks/bench_scores.py --batch 8 --repeats 2
+
+``--kernels`` times the score kernels alone instead (cls_scores / received_scores on CPU at the
+shapes of CLIP-L/336 and SigLIP-so400m/384 selection layers) and states their FLOP rate against the
+CPU's measured float32 FMA peak (benchmarks/cpu_peak.py) and cls_scores' read rate against a warm
+copy_ of k; ``--cpu-isa baseline|avx2|avx512`` runs the kernels' given instruction-set path
+(VISIONZIP_CPU_ISA, see csrc/cpu/isa.h):
+
+    python benchmarks/bench_scores.py --kernels                     # JSON: scores_kernels_cpu_<cpu>.json
+    python benchmarks/bench_scores.py --kernels --cpu-isa avx2 --out /tmp/avx2.json
 """
 
 from __future__ import annotations
@@ -234,6 +243,85 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / max(1, sum(len(x) for x in a))
 
 
+# --------------------------------------------------------------------------------------------
+# --kernels: the score kernels alone
+# --------------------------------------------------------------------------------------------
+
+# (name, B, H, N, d): selection layers of CLIP ViT-L/14-336 (LLaVA-1.5) and SigLIP-so400m/384 (no CLS)
+KERNEL_SHAPES = [
+    ("clip-l/336", 1, 16, 577, 64),
+    ("clip-l/336", 8, 16, 577, 64),
+    ("siglip-so400m/384", 1, 16, 729, 72),
+]
+
+
+def _median_min_ms(fn, min_time: float) -> tuple[float, float]:
+    for _ in range(2):
+        fn()
+    times: list[float] = []
+    t_end = time.perf_counter() + min_time
+    while len(times) < 5 or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), min(times)
+
+
+def kernel_bench(args) -> dict:
+    """cls_scores / received_scores alone on CPU: time, FLOP rate against the measured FMA peak,
+    cls_scores' read rate against a warm copy_ of k."""
+    sys.path.insert(0, ROOT)
+    import visionzip_kernels as vz
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import cpu_peak  # noqa: E402  (benchmarks/ on the path)
+
+    threads = torch.get_num_threads()
+    peaks = cpu_peak.fma_peak_gflops(threads)
+    flags = cpu_peak.cpu_flags()
+    widest = "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else (
+        "avx2" if {"avx2", "fma"} <= flags else "baseline")
+    isa = os.environ.get("VISIONZIP_CPU_ISA") or widest
+    peak = peaks.get(isa) if isa != "baseline" else None  # baseline: SSE2, no FMA instruction
+    dtype = getattr(torch, args.dtype)
+    rows = []
+    for name, b, h, n, d in KERNEL_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        q = (torch.randn(b, h, n, d, generator=g) * 1.5).to(dtype)
+        k = torch.randn(b, h, n, d, generator=g).to(dtype)
+        dst = torch.empty_like(k)
+        copy_ms, _ = _median_min_ms(lambda: dst.copy_(k), args.min_time)
+        copy_gbs = 2 * k.numel() * k.element_size() / (copy_ms * 1e-3) / 1e9
+        for op in ("received_scores", "cls_scores"):
+            if op == "received_scores":
+                fn = lambda: vz.received_scores(q, k, backend="cpu")  # noqa: E731
+                flop = 2 * b * h * n * n * d  # Q K^T once: the matmul the column sums need
+                exps = b * h * n * n
+            else:
+                qc = q[:, :, 0]
+                fn = lambda: vz.cls_scores(qc, k, backend="cpu")  # noqa: E731
+                flop, exps = 2 * b * h * n * d, b * h * n
+            ms, ms_min = _median_min_ms(fn, args.min_time)
+            row = dict(op=op, shape=name, batch=b, heads=h, tokens=n, head_dim=d, ms=ms, ms_min=ms_min, flop=flop,
+                       exps=exps, gflops=flop / (ms * 1e-3) / 1e9)
+            row["fraction_of_fma_peak"] = row["gflops"] / peak if peak else None
+            if op == "cls_scores":  # O(N d): bound by reading k
+                row["k_gbs"] = k.numel() * k.element_size() / (ms * 1e-3) / 1e9
+                row["copy_gbs"] = copy_gbs
+                row["fraction_of_copy_bw"] = row["k_gbs"] * 2 / copy_gbs  # copy_ moves k twice (read + write)
+            rows.append(row)
+            frac = f"{100 * row['fraction_of_fma_peak']:.0f}% of FMA peak" if peak else "no FMA peak"
+            extra = (f", k read at {row['k_gbs']:.1f} GB/s (copy_ of k: {copy_gbs:.1f} GB/s read + written)"
+                     if op == "cls_scores" else "")
+            print(f"{op:<16} {name:<18} B={b:<2} N={n} d={d}: {ms:8.3f} ms (min {ms_min:.3f}), "
+                  f"{row['gflops']:7.1f} GFLOP/s, {frac}{extra}", flush=True)
+    return dict(isa=isa, fma_peak_gflops_float32=peaks, threads=threads, dtype=args.dtype, rows=rows,
+                flop_note="received_scores: 2 B H N^2 d (one Q K^T), cls_scores: 2 B H N d; an FMA counts 2; "
+                          "exp evaluations not counted as FLOPs (column exps)",
+                peak_note="register-resident FMA chains on all torch threads (benchmarks/cpu_peak.py), "
+                          "for the instruction set of the kernels' path")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", default=None, help="batch sizes, comma separated (default: 1,8 on cpu, 1,8,32 on cuda)")
@@ -245,6 +333,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="weights and activations (default: float16 on cuda, float32 on cpu)")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bench_scores_<machine>.json)")
+    p.add_argument("--kernels", action="store_true", help="time the CPU score kernels alone (see above)")
+    p.add_argument("--cpu-isa", choices=["baseline", "avx2", "avx512"], default=None,
+                   help="with --kernels: the kernels' instruction-set path (default: the widest the CPU has)")
+    p.add_argument("--min-time", type=float, default=1.0, help="with --kernels: seconds of timed calls per row")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--pipeline", choices=PIPELINES, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -252,6 +344,24 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.dtype = args.dtype or ("float16" if cuda else "float32")
     args.batch = args.batch or ("1,8,32" if cuda else "1,8")
     args.repeats = args.repeats or (20 if cuda else 3)
+
+    if args.kernels:
+        if args.cpu_isa:
+            os.environ["VISIONZIP_CPU_ISA"] = args.cpu_isa  # read at the first kernel call, below
+        info = machine_info("cpu")
+        print(f"# {info['cpu_model']} ({info['cpu_count']} CPUs, {info['torch_threads']} torch threads), "
+              f"torch {info['torch']}, {args.dtype}")
+        res = kernel_bench(args)
+        print(f"# path {res['isa']}; measured FMA peak (float32, {res['threads']} threads): "
+              + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in res["fma_peak_gflops_float32"].items()))
+        os.makedirs(RESULTS, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "-", info["cpu_model"].lower()).strip("-")
+        path = args.out or os.path.join(RESULTS, f"scores_kernels_cpu_{slug}_{info['cpu_count']}cpu.json")
+        with open(path, "w") as f:
+            json.dump(dict(benchmark="bench_scores --kernels", date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           machine=info, **res), f, indent=2)
+        print(f"wrote {os.path.relpath(path, ROOT)}")
+        return
 
     if args.worker:
         batch = int(args.batch)

@@ -14,13 +14,16 @@ from pathlib import Path
 
 def markdown(result: dict) -> str:
     gpu = result.get("copy_bandwidth_gbs") is not None
+    cpu_bw = not gpu and any("copy_gbs" in r for r in result["rows"])  # CPU: per-workload warm copy_
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
     head = "| workload | " + " | ".join(f"{m} ms" for m in methods) + " | best vs eager | best vs compile | best / clone time |"
     head += " best % of copy BW |" if gpu else ""
+    head += " best GB/s | copy GB/s | best % of copy BW |" if cpu_bw else ""
     both = any({"cuda", "triton"} <= {r["method"] for r in result["rows"] if r["workload"] == w} for w in workloads)
     head += " triton / cuda time (device) |" if both else ""
-    lines = [f"{result['machine']}, torch {result['torch']}, {result['dtype']} (medians, one run)", "", head,
+    isa = f", CPU kernels: {result['cpu_isa']}" if result.get("cpu_isa") else ""
+    lines = [f"{result['machine']}, torch {result['torch']}, {result['dtype']}{isa} (medians, one run)", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for w in workloads:
         rows = {r["method"]: r for r in result["rows"] if r["workload"] == w}
@@ -34,8 +37,11 @@ def markdown(result: dict) -> str:
             vs_comp = f"{comp['ms'] / b['ms']:.1f}x" if comp else ""
             line += f" | {b['speedup_vs_eager']:.1f}x ({best}) | {vs_comp} | {b['vs_clone']:.2f} |"
             line += f" {100 * b['fraction_of_copy_bw']:.0f}% |" if gpu else ""
+            if cpu_bw:
+                line += (f" {b['gbs']:.1f} | {b['copy_gbs']:.1f} | {100 * b['fraction_of_copy_bw']:.0f}% |"
+                         if "copy_gbs" in b else " | | |")
         else:
-            line += " | | | |" + (" |" if gpu else "")
+            line += " | | | |" + (" |" if gpu else "") + (" | | |" if cpu_bw else "")
         if both:
             # kernel against kernel: device time (graph replay) where both have it, else per call
             if {"cuda", "triton"} <= set(rows):

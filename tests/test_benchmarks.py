@@ -32,17 +32,22 @@ def test_bench_compress_runs_and_reports_every_method(tmp_path):
         assert r["speedup_vs_eager"] == pytest.approx(
             next(x["ms"] for x in saved["rows"] if x["workload"] == r["workload"] and x["method"] == "eager") / r["ms"]
         )
+    for r in saved["rows"]:  # CPU bandwidth column: GB/s on the bytes moved, against a warm copy_ of this run
+        assert r["copy_gbs"] > 0 and r["gbs"] == pytest.approx(r["bytes_moved"] / r["ms"] / 1e6)
+        assert r["fraction_of_copy_bw"] == pytest.approx(r["gbs"] / r["copy_gbs"])
     table = results_table.markdown(saved)
-    assert table.count("\n| llava15 |") == 1 and "(cpu)" in table
+    assert table.count("\n| llava15 |") == 1 and "(cpu)" in table and "best % of copy BW" in table
+    assert "% copy BW" in bench_compress.format_table(saved)
 
 
 def test_bench_compress_bytes_moved():
     w = bench_compress.WORKLOADS["llava15"]
-    # hidden read + CLS rows of the heads + keys read + output written, 2-byte elements
-    expected = 2 * (577 * 1024 + 16 * 577 + 577 * 64 + 64 * 1024)
+    # hidden read + CLS rows of the heads + keys read + output written, 2-byte elements, + int64 indices
+    expected = 2 * (577 * 1024 + 16 * 577 + 577 * 64 + 64 * 1024) + 8 * (64 + 577)
     assert bench_compress.bytes_moved(w, 2) == expected
     w = bench_compress.WORKLOADS["siglip384"]  # no CLS: the whole matrix must be read
-    assert bench_compress.bytes_moved(w, 4) == 4 * (729 * 1152 + 16 * 729 * 729 + 729 * 72 + 64 * 1152)
+    assert bench_compress.bytes_moved(w, 4) == 4 * (729 * 1152 + 16 * 729 * 729 + 729 * 72 + 64 * 1152) + 8 * (
+        64 + 729)
 
 
 def test_input_sets_one_on_cpu():

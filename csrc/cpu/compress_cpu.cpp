@@ -1,12 +1,13 @@
 // Fused CPU kernel of visionzip::compress (docs/spec.md "Compress").
 //
-// One pass per image: head/query reduction of the attention into float scores, partial selection
-// of the dominant tokens (nth_element, no full sort), ordered gather, cosine assignment of the
-// remaining tokens to the contextual targets, segmented mean and output write. Parallel over the
-// batch; when the batch is smaller than the thread pool, the loops inside an image run in parallel
-// instead (nested at::parallel_for calls run inline). Every output element is computed by one
-// thread in a fixed order, so results are bit-identical across runs and thread counts (for one
-// instruction-set path, see isa.h).
+// Per image: head/query reduction of the attention into float scores, partial selection of the
+// dominant tokens on integer keys, cosine assignment of the remaining tokens to the contextual
+// targets, then one pass over hidden in token order that writes the dominant and target rows and
+// sums the members (compress_kernels.inc). Whole rounds of images run one per thread; the images
+// left over (B mod threads, e.g. B = 1) run with the loops inside the image in parallel (row
+// blocks of the attention, member blocks, channel slices). Every output element is computed by one
+// thread in an order fixed by the shapes, so results are bit-identical across runs and thread
+// counts (for one instruction-set path, see isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -15,6 +16,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <type_traits>
@@ -26,20 +29,8 @@
 namespace visionzip {
 namespace {
 
-namespace portable {
-#include "compress_kernels.inc"
-}  // namespace portable
-
-#ifdef VISIONZIP_AVX2_BUILD
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-// No `#pragma GCC optimize` here: GCC does not inline functions whose optimize options differ
-// (c10::Half / BFloat16 conversions from the headers must inline into these loops).
-namespace avx2 {
-#include "compress_kernels.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+#define VISIONZIP_KERNELS_INC "compress_kernels.inc"
+#include "isa_builds.inc"
 
 CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, const at::Scalar& k,
                               const std::optional<at::Tensor>& keys, const std::optional<at::Scalar>& contextual,

@@ -20,18 +20,8 @@
 namespace visionzip {
 namespace {
 
-namespace portable {
-#include "group_pool_kernels.inc"
-}  // namespace portable
-
-#ifdef VISIONZIP_AVX2_BUILD
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-namespace avx2 {
-#include "group_pool_kernels.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+#define VISIONZIP_KERNELS_INC "group_pool_kernels.inc"
+#include "isa_builds.inc"
 
 GroupPoolOutputs group_pool_pass(const at::Tensor& logits, const at::Tensor& values, const at::Scalar& eps) {
   TORCH_CHECK(values.device().is_cpu(), "visionzip::group_pool (CPU kernel): values must be on the CPU; got ",

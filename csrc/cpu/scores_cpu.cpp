@@ -3,17 +3,18 @@
 // (docs/spec.md "Scores").
 //
 // cls_scores: one softmax row per (image, head), O(N d) work and O(B H N) memory.
-// received_scores: column sums of softmax(Q K^T * scale) in two streaming passes over 64 x 64 tiles:
-//   pass 1, parallel over (image, head, query tile): row log-sum-exp, online over the key tiles;
-//   pass 2, parallel over (image, head, key tile): sum over the query tiles of exp(s - lse).
-// Only (B, H, N) vectors (lse, per-head column sums) and one tile per thread are stored. Every
-// output element is produced by one thread in a fixed order (tiles ascending, heads ascending),
-// so results are bit-identical across runs and thread counts (on one machine: the AVX2 and
-// portable builds of the kernels, chosen at run time, round differently).
+// received_scores: column sums of softmax(Q K^T * scale) in one pass over the scores, parallel
+// over (image, head): per block of kTile queries, their score rows within the segment (a
+// kTile x segment strip, computed in kTile x kTile tiles from the head's keys transposed once),
+// e = exp(s - row max) in place, and every key's column gets e / row sum, queries ascending.
+// Each logit is computed once (the two-pass log-sum-exp form computed it twice). Only (B, H, N)
+// vectors (per-head column sums) and per-thread buffers are stored. Every output element is
+// produced by one thread in a fixed order (queries ascending, heads ascending), so results are
+// bit-identical across runs and thread counts for one instruction-set path.
 //
-// The kernels (scores_kernels.inc) are compiled twice: portable, and for AVX2 + FMA inside a
-// `#pragma GCC target` region (the extension is built for the baseline x86-64 ISA), picked at run
-// time by CPU feature.
+// The kernels (scores_kernels.inc) are compiled three times: portable, AVX2 + FMA and AVX-512
+// inside `#pragma GCC target` regions (the extension is built for the baseline x86-64 ISA),
+// picked at run time by CPU feature (isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -21,6 +22,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -36,6 +38,7 @@ namespace visionzip {
 namespace {
 
 constexpr int64_t kTile = 64;  // queries and keys per tile: a 64 x 64 fp32 score tile is 16 KiB
+
 
 // q and k share one floating dtype and one device; the last dim must be contiguous (a copy otherwise).
 void check_common(const char* op, const at::Tensor& q, const at::Tensor& k) {
@@ -59,44 +62,9 @@ inline double resolve_scale(std::optional<double> scale, int64_t d) {
 }
 
 
-// A tile of at most kTile tokens inside one segment [seg_begin, seg_end) of the block diagonal.
-struct Tile {
-  int64_t begin, len, seg_begin, seg_end;
-};
-
-std::vector<Tile> make_tiles(const std::vector<int64_t>& bounds) {
-  std::vector<Tile> tiles;
-  for (size_t s = 0; s + 1 < bounds.size(); ++s)
-    for (int64_t t = bounds[s]; t < bounds[s + 1]; t += kTile)
-      tiles.push_back({t, std::min(kTile, bounds[s + 1] - t), bounds[s], bounds[s + 1]});
-  return tiles;
-}
-
-// 32-byte GCC vector types of the tile micro-kernel.
-template <typename T>
-struct Vec32;
-template <>
-struct Vec32<float> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct Vec32<double> {
-  typedef double type __attribute__((vector_size(32)));
-};
-
-namespace portable {
-#include "scores_kernels.inc"
-}  // namespace portable
-
-#ifdef VISIONZIP_AVX2_BUILD
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#pragma GCC optimize("fp-contract=fast")  // a * b + c -> FMA (ISO C++ mode does not contract)
-namespace avx2 {
-#include "scores_kernels.inc"
-}  // namespace avx2
-#pragma GCC pop_options
-#endif
+#define VISIONZIP_KERNELS_INC "scores_kernels.inc"
+#define VISIONZIP_FP_CONTRACT_FAST  // a * b + c -> FMA in the wide paths
+#include "isa_builds.inc"
 
 // ---------------------------------------------------------------------------------------------
 // Entry points
@@ -153,13 +121,13 @@ at::Tensor received_scores_cpu(const at::Tensor& q_in, const at::Tensor& k_in, s
               ": q must have the shape (B, H, N, d) of k ", k_in.sizes(), "; got ", q_in.sizes());
   const at::Tensor q = last_dim_contiguous(q_in), k = last_dim_contiguous(k_in);
   const int64_t B = k.size(0), N = k.size(2);
-  const std::vector<Tile> tiles = make_tiles(segment_bounds(cu_seqlens, B, N, q.device()));
+  const std::vector<int64_t> bounds = segment_bounds(cu_seqlens, B, N, q.device());
   at::Tensor out = at::empty({B, N}, q.options().dtype(acc_dtype(q)));
   if (B == 0) return out;
   const double sc = resolve_scale(scale, k.size(3));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "visionzip_received_scores_cpu",
                                   [&] {
-    VISIONZIP_ISA_DISPATCH(received_scores_kernel<scalar_t>(q, k, sc, tiles, out));
+    VISIONZIP_ISA_DISPATCH(received_scores_kernel<scalar_t>(q, k, sc, bounds, out));
   });
   return out;
 }

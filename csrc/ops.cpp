@@ -39,6 +39,12 @@ TORCH_LIBRARY(visionzip, m) {
   m.def(
       "_compress_hidden_grad(Tensor grad_out, Tensor token_map, Tensor contextual_indices, int dominant) "
       "-> Tensor");
+  // Diagnostic, CPU only (benchmarks/profile_compress_cpu.py): compress with each phase of the CPU
+  // kernel timed on its own, images one after another on the calling thread, nothing overlapped.
+  // -> (seconds (6,) float64: scores, selection, targets, assignment, slots, pass over hidden; output).
+  m.def(
+      "_compress_cpu_phases(Tensor hidden, Tensor attn, Scalar k, *, Tensor? keys=None, Scalar? contextual=None, "
+      "bool? has_cls=True) -> (Tensor seconds, Tensor output)");
 }
 
 TORCH_LIBRARY_FRAGMENT(visionzip, m) {

@@ -159,3 +159,20 @@ def test_bench_group_pool_smoke(tmp_path):
     name = bench_group_pool.default_out(saved).name  # the CPU's model name, without the core counts
     assert name.startswith("group_pool-cpu-") and name.endswith(f"-{torch.get_num_threads()}t-float32.json")
     assert "cores" not in name
+
+
+def test_profile_compress_cpu_smoke(tmp_path):
+    """One workload, one call: every phase reported per image, the real kernel timed, the table and
+    the JSON written."""
+    import profile_compress_cpu
+
+    out = tmp_path / "profile.json"
+    result = profile_compress_cpu.main(["--workloads", "llava15", "--calls", "1", "--min-time", "0",
+                                        "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == result["rows"] and saved["machine"] and saved["cpu_isa"]
+    (row,) = saved["rows"]
+    assert list(row["phases_us_per_image"]) == list(profile_compress_cpu.PHASES)
+    assert all(v > 0 for v in row["phases_us_per_image"].values())
+    assert row["compress_1t_us_per_image"] > 0 and row["compress_all_threads_ms"] > 0 and row["pass_read_gbs"] > 0
+    assert "| llava15 | 1 |" in profile_compress_cpu.format_table(saved)

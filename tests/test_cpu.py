@@ -52,3 +52,32 @@ def test_heads_summed_like_the_reference():
     case = make_case(2, 577, 32, heads=16, form="rows", k=64, contextual=0)
     assert torch.equal(run(case).dominant_indices, vz.compress_reference(case.hidden, case.attn, 64, contextual=0,
                                                                         keys=case.keys).dominant_indices)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        make_case(3, 577, 96, heads=16, form="rows", k=64, seed=11),
+        make_case(2, 201, 40, heads=4, form="full", k=30, has_cls=False, seed=12),
+        make_case(2, 300, 33, heads=3, form="full", k=50, contextual=0, has_cls=False, dtype=torch.bfloat16, seed=13),
+    ],
+    ids=["cls-rows", "nocls-full", "bf16-cx0"],
+)
+def test_phase_profile_runs_the_kernel(case):
+    """The diagnostic op of benchmarks/profile_compress_cpu.py (phases timed one by one, nothing
+    overlapped) computes compress's output bit for bit, and times every phase that runs."""
+    secs, out = torch.ops.visionzip._compress_cpu_phases(case.hidden, case.attn, case.k, **case.kwargs())
+    assert torch.equal(out, run(case).output)
+    assert secs.shape == (6,) and secs.dtype == torch.float64
+    scores, selection, targets, assignment, slots, pass_ = secs.tolist()
+    assert scores > 0 and selection > 0 and slots > 0 and pass_ > 0
+    if case.kwargs().get("contextual") == 0:
+        assert targets == 0 and assignment == 0  # no contextual tokens: those phases do not run
+    else:
+        assert targets > 0 and assignment > 0
+
+
+def test_phase_profile_checks_its_arguments():
+    case = make_case(1, 50, 8, k=10)
+    with pytest.raises(RuntimeError, match="k"):
+        torch.ops.visionzip._compress_cpu_phases(case.hidden, case.attn, 51)

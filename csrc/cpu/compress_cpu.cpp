@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -41,7 +42,7 @@ CompressOutputs compress_pass(const at::Tensor& hidden, const at::Tensor& attn, 
   CompressOutputs o = allocate_outputs(g);
   if (g.batch == 0) return o;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.hidden.scalar_type(), "visionzip_compress_cpu",
-                                  [&] { VISIONZIP_ISA_DISPATCH(dispatch_aux<scalar_t>(g, o)); });
+                                  [&] { VISIONZIP_ISA_DISPATCH(compress_images<scalar_t>(g, o)); });
   return o;
 }
 
@@ -58,11 +59,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> compress_with_indices
   return {o.output, o.dominant_indices, o.contextual_indices, o.token_map};
 }
 
+// Diagnostic: compress with each phase of the kernel timed on its own (profile_compress in
+// compress_kernels.inc). Returns (seconds (6,) float64: scores, selection, targets, assignment,
+// slots, pass over hidden, summed over the images; output).
+std::tuple<at::Tensor, at::Tensor> compress_cpu_phases(const at::Tensor& hidden, const at::Tensor& attn,
+                                                       const at::Scalar& k, const std::optional<at::Tensor>& keys,
+                                                       const std::optional<at::Scalar>& contextual,
+                                                       const std::optional<bool>& has_cls) {
+  TORCH_CHECK(hidden.device().is_cpu(), "visionzip::_compress_cpu_phases: hidden must be on the CPU; got ",
+              hidden.device());
+  CompressPlan g = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls);
+  CompressOutputs o = allocate_outputs(g);
+  at::Tensor secs = at::zeros({6}, at::kDouble);
+  if (g.batch > 0)
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.hidden.scalar_type(), "visionzip_compress_cpu_phases", [&] {
+      VISIONZIP_ISA_DISPATCH(profile_images<scalar_t>(g, o, secs.data_ptr<double>()));
+    });
+  return {secs, o.output};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(visionzip, CPU, m) {
   m.impl("compress", &compress_cpu);
   m.impl("compress_with_indices", &compress_with_indices_cpu);
+  m.impl("_compress_cpu_phases", &compress_cpu_phases);
 }
 
 }  // namespace visionzip

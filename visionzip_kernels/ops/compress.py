@@ -196,6 +196,12 @@ def _compress_with_indices_fake(hidden, attn, k, *, keys=None, contextual=None, 
     return empty_outputs(hidden, check_compress_inputs(hidden, attn, k, keys, contextual, has_cls))
 
 
+@torch.library.register_fake("visionzip::_compress_cpu_phases")
+def _compress_cpu_phases_fake(hidden, attn, k, *, keys=None, contextual=None, has_cls=True):
+    output = empty_outputs(hidden, check_compress_inputs(hidden, attn, k, keys, contextual, has_cls))[0]
+    return hidden.new_empty((6,), dtype=torch.float64), output
+
+
 def _extension_compress(
     plan: CompressPlan, hidden: torch.Tensor, attn: torch.Tensor, keys: Optional[torch.Tensor], with_indices: bool
 ) -> Union[torch.Tensor, CompressResult]:

@@ -31,6 +31,8 @@ from tests.tf_models import (  # noqa: E402
     gen,
     image,
     image_rows,
+    images,  # noqa: F401  (fixture)
+    llava,  # noqa: F401  (fixture)
     oracle_from_capture,
     qwen_oracle,
 )
@@ -41,16 +43,6 @@ from visionzip_kernels.integrations.transformers import (  # noqa: E402
     remove_visionzip,
     remove_visionzip_processor,
 )
-
-@pytest.fixture(scope="module")
-def llava():
-    return build_llava()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [image(1, 80, 90), image(2, 100, 70)]
-
 
 # --------------------------------------------------------------------------------------------
 # LLaVA

@@ -21,8 +21,9 @@ from visionzip_kernels.methods.vistog import SideCar, VisToG, isolation_mask, ma
 
 transformers = pytest.importorskip("transformers")
 
-from tests.tf_models import IMAGE, PROMPT, build_llava, build_llava_next, image, image_rows  # noqa: E402
+from tests.tf_models import IMAGE, PROMPT, build_llava_next, image, image_rows  # noqa: E402
 from tests.tf_models import gen as _gen  # noqa: E402
+from tests.tf_models import images, llava  # noqa: E402,F401  (fixtures)
 from visionzip_kernels.integrations.transformers import (  # noqa: E402
     apply_visionzip,
     apply_vistog,
@@ -243,17 +244,6 @@ def test_module_argument_errors():
 # --------------------------------------------------------------------------------------------
 # LLaVA through the transformers integration
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def llava():
-    """The tiny LLaVA of the VisionZip integration tests (tests/tf_models.py)."""
-    return build_llava()
-
-
-@pytest.fixture(scope="module")
-def images():
-    return [image(1, 80, 90), image(2, 100, 70)]
 
 
 def test_llava_vistog_generate_and_features(llava, images):

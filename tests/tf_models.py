@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -356,3 +357,17 @@ def build_qwen3(seed: int = 0):
 def deepstack_inputs(model) -> "LMInputs":
     """Records the deepstack features the Qwen3-VL language model receives on each call."""
     return LMInputs(model, keys=("visual_pos_masks", "deepstack_visual_embeds"))
+
+
+# Fixtures shared by the LLaVA tests of the VisionZip and VisToG integrations (a test module imports
+# them by name).
+@pytest.fixture(scope="module")
+def llava():
+    """A tiny random-weight LLaVA-1.5 and its processor (build_llava), one per test module."""
+    return build_llava()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Two images of different sizes."""
+    return [image(1, 80, 90), image(2, 100, 70)]

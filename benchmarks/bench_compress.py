@@ -36,7 +36,9 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import visionzip_kernels as vz  # noqa: E402
+from cpu_peak import cpu_isa_paths  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,18 +86,8 @@ def machine_name(device: torch.device) -> str:
 
 def cpu_isa_path() -> str:
     """The CPU kernels' instruction-set path in this process: VISIONZIP_CPU_ISA, else the widest the
-    CPU has (csrc/cpu/isa.h picks by the same flags)."""
-    forced = os.environ.get("VISIONZIP_CPU_ISA")
-    if forced:
-        return forced
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return "unknown"
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma"} <= flags:
-        return "avx512"
-    return "avx2" if {"avx2", "fma"} <= flags else "baseline"
+    CPU has (cpu_peak.cpu_isa_paths, the flags csrc/cpu/isa.h checks)."""
+    return os.environ.get("VISIONZIP_CPU_ISA") or cpu_isa_paths()[-1]
 
 
 def make_inputs(w: Workload, dtype: torch.dtype, device: torch.device, seed: int = 0) -> dict:

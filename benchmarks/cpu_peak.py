@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,21 @@ def cpu_flags() -> set[str]:
             return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
     except (OSError, StopIteration):
         return set()
+
+
+def cpu_isa_paths() -> list[str]:
+    """The CPU kernels' instruction-set paths this CPU runs, narrowest first, by the flags
+    csrc/cpu/isa.h checks (the wider paths exist only in x86-64 GCC builds); the last one is the
+    default, VISIONZIP_CPU_ISA may force another."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["baseline"]
+    flags = cpu_flags()
+    out = ["baseline"]
+    if {"avx2", "fma"} <= flags:
+        out.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+            out.append("avx512")
+    return out
 
 
 def _library(workdir: Path) -> ctypes.CDLL | None:

@@ -23,23 +23,8 @@ if __name__ == "__main__":  # the subprocess: make the package and tests.helpers
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import visionzip_kernels as vz  # noqa: E402
-from cpu_peak import cpu_flags  # noqa: E402  (the flags benchmarks/cpu_peak.py reads, /proc/cpuinfo)
+from cpu_peak import cpu_isa_paths as supported_isas  # noqa: E402  (the paths this CPU runs)
 from tests.helpers import Case, check_against_reference, make_case  # noqa: E402
-
-
-def supported_isas() -> list[str]:
-    """The paths this CPU runs (the extension has the wider ones only on x86-64 GCC builds)."""
-    import platform
-
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return ["baseline"]
-    flags = cpu_flags()
-    out = ["baseline"]
-    if {"avx2", "fma"} <= flags:
-        out.append("avx2")
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-            out.append("avx512")
-    return out
 
 
 def compress_cases() -> dict[str, tuple[Case, bool]]:

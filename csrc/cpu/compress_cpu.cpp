@@ -71,10 +71,10 @@ std::tuple<at::Tensor, at::Tensor> compress_cpu_phases(const at::Tensor& hidden,
   CompressPlan g = check_compress_inputs(hidden, attn, k, keys, contextual, has_cls);
   CompressOutputs o = allocate_outputs(g);
   at::Tensor secs = at::zeros({6}, at::kDouble);
+  double* s = secs.data_ptr<double>();
   if (g.batch > 0)
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.hidden.scalar_type(), "visionzip_compress_cpu_phases", [&] {
-      VISIONZIP_ISA_DISPATCH(profile_images<scalar_t>(g, o, secs.data_ptr<double>()));
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.hidden.scalar_type(), "visionzip_compress_cpu_phases",
+                                    [&] { VISIONZIP_ISA_DISPATCH(profile_images<scalar_t>(g, o, s)); });
   return {secs, o.output};
 }
 

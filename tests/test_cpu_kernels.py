@@ -4,7 +4,8 @@ The C++ kernels (compress, scores, group_pool) are compiled three times (baselin
 the widest one the CPU supports runs unless VISIONZIP_CPU_ISA forces another. It is read once per
 process, so every path runs in a subprocess (this file run as a script), which checks that its
 results are bit-identical for 1, 2 and 3 threads and saves them; the tests then compare each path
-with the float64 oracle (choices exact on lattice inputs) and the paths with one another.
+with the float64 oracle (choices exact on lattice inputs) and the paths with one another, and
+compress's two read orders of hidden (csrc/cpu/cache.h) bit for bit.
 """
 
 from __future__ import annotations
@@ -102,17 +103,19 @@ def run_all() -> dict:
     return runs[1]
 
 
+def results_in_subprocess(path: Path, **env_vars: str) -> dict:
+    """run_all() in a subprocess with the given environment variables (read once per process)."""
+    env = dict(os.environ, **env_vars, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, f"{env_vars}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return torch.load(path)
+
+
 @pytest.fixture(scope="module")
 def isa_results(tmp_path_factory) -> dict[str, dict]:
     """Each supported path's results, computed in a subprocess with VISIONZIP_CPU_ISA set."""
-    out = {}
-    for isa in supported_isas():
-        path = tmp_path_factory.mktemp("isa") / f"{isa}.pt"
-        env = dict(os.environ, VISIONZIP_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        res = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True)
-        assert res.returncode == 0, f"VISIONZIP_CPU_ISA={isa}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-        out[isa] = torch.load(path)
-    return out
+    return {isa: results_in_subprocess(tmp_path_factory.mktemp("isa") / f"{isa}.pt", VISIONZIP_CPU_ISA=isa)
+            for isa in supported_isas()}
 
 
 @pytest.mark.parametrize("isa", supported_isas())
@@ -168,6 +171,28 @@ def test_default_path_is_the_widest(isa_results):
         res = vz.compress(case.hidden, case.attn, case.k, **case.kwargs(), backend="cpu", return_indices=True)
         for a, b in zip(res, isa_results[widest]["compress"][name]):
             assert torch.equal(a, b), f"{name}: the default path is not {widest}"
+
+
+def test_read_order_changes_no_bits(isa_results, tmp_path):
+    """compress's pass reads the members target by target when hidden fits in the last-level cache
+    (every case here does) and in token order otherwise (VISIONZIP_CPU_CACHE_BYTES=0 forces it):
+    each sum adds its members in token order either way, so the results are the same bits."""
+    widest = supported_isas()[-1]
+    token_order = results_in_subprocess(tmp_path / "token-order.pt", VISIONZIP_CPU_ISA=widest,
+                                        VISIONZIP_CPU_CACHE_BYTES="0")
+    for name in compress_cases():
+        for a, b in zip(isa_results[widest]["compress"][name], token_order["compress"][name]):
+            assert torch.equal(a, b), f"{name}: the two read orders differ"
+
+
+@pytest.mark.parametrize("value", ["-1", "32M", "lots"])
+def test_bad_cache_bytes_value_is_a_clear_error(value):
+    code = ("import torch, visionzip_kernels as vz\n"
+            "vz.compress(torch.randn(1, 10, 8), torch.rand(1, 10), 4, backend='cpu')")
+    env = dict(os.environ, VISIONZIP_CPU_CACHE_BYTES=value,
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "VISIONZIP_CPU_CACHE_BYTES must be a byte count" in res.stderr
 
 
 @pytest.mark.parametrize("value", ["sse9", "AVX2 "])

@@ -2,8 +2,9 @@
 //
 // Per image: head/query reduction of the attention into float scores, partial selection of the
 // dominant tokens on integer keys, cosine assignment of the remaining tokens to the contextual
-// targets, then one pass over hidden in token order that writes the dominant and target rows and
-// sums the members (compress_kernels.inc). Whole rounds of images run one per thread; the images
+// targets, then one pass over hidden that writes the dominant and target rows and sums the members
+// (each target's in token order; the rows read target by target when hidden fits in the
+// last-level cache, cache.h) (compress_kernels.inc). Whole rounds of images run one per thread; the images
 // left over (B mod threads, e.g. B = 1) run with the loops inside the image in parallel (row
 // blocks of the attention, member blocks, channel slices). Every output element is computed by one
 // thread in an order fixed by the shapes, so results are bit-identical across runs and thread
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "../compress_common.h"
+#include "cache.h"
 #include "isa.h"
 
 namespace visionzip {

@@ -3,8 +3,9 @@
 // Two passes over the batch: the argmax label of every patch (logits read once), then per image the
 // group sizes and the segmented sum of the value rows into their groups (values read once, O(N C)
 // instead of the dense (M x N) @ (N x C) product), written as sum / (count + eps). Every output
-// element is one sum in ascending patch order computed by one thread, so results are bit-identical
-// across runs and thread counts (for one instruction-set path, see isa.h).
+// element is one sum in ascending patch order computed by one thread (whichever order the rows are
+// read in, see group_sums), so results are bit-identical across runs and thread counts (for one
+// instruction-set path, see isa.h).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -12,9 +13,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "../group_pool_common.h"
+#include "cache.h"
 #include "isa.h"
 
 namespace visionzip {

@@ -11,8 +11,9 @@ move (each needed input byte read once, the outputs, indices included, written o
 copy of the largest needed input (``clone``: reads and writes it once), and the fraction of a measured
 copy bandwidth reached on those bytes. On CPU that bandwidth is a warm ``copy_`` of the workload's
 largest needed input (hidden; the attention matrix without CLS) into a pre-allocated tensor, timed in
-the same run (bytes read + written over its median time), so the small workloads are compared with a
-copy in the same cache level as their own data. On GPU it is one device-to-device copy of 256 MiB,
+the same run (bytes read + written over its median time) in alternating blocks with the package's
+kernel, so that both sample the same load of a shared machine, and the small workloads are compared
+with a copy in the same cache level as their own data. On GPU it is one device-to-device copy of 256 MiB,
 and the fraction is taken on the package kernels' device time per call (one CUDA graph of calls,
 replayed: no launch overhead). On GPU every call takes the next of several copies of the inputs, so
 that the bytes come from device memory, not from the L2 cache.
@@ -143,8 +144,10 @@ def call_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, min_time: float, max_reps: int = 200) -> float:
-    """Median time of ``fn`` in ms (call_ms), after warm-up."""
+def median_ms(fn: Callable[[], object], device: torch.device, min_time: float, max_reps: int = 10_000) -> float:
+    """Median time of ``fn`` in ms (call_ms), after warm-up: calls for ``min_time`` seconds (at least 5,
+    at most ``max_reps``), so that a fast call's median spans the whole window, not a burst of a shared
+    machine's load."""
     for _ in range(3):
         fn()
     sync(device)
@@ -153,6 +156,24 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_time: float, m
     while len(times) < 5 or (time.perf_counter() - start_all < min_time and len(times) < max_reps):
         times.append(call_ms(fn, device))
     return statistics.median(times)
+
+
+def rounds_ms(fns: dict[str, Callable[[], object]], min_time: float, rounds: int = 5) -> dict[str, float]:
+    """CPU: median ms per call of each of ``fns``, measured in ``rounds`` alternating blocks of
+    ``min_time / rounds`` seconds each (warmed up at the start of every block), the medians taken over
+    all blocks: a shared machine's load drifts over seconds, and the blocks let every function sample
+    the same drift, while each block keeps its own data warm."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(3):
+                fn()
+            start = time.perf_counter()
+            block = 0
+            while block < 5 or (time.perf_counter() - start < min_time / rounds and block < 10_000):
+                times[name].append(call_ms(fn, torch.device("cpu")))
+                block += 1
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def graph_ms(fn: Callable[[dict], object], sets: list[dict], device: torch.device, min_time: float) -> float | None:
@@ -221,7 +242,8 @@ def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = N
         cpu_isa=cpu_isa_path() if device.type == "cpu" else None,
         copy_bandwidth=("device-to-device copy_ of 256 MiB" if bw is not None else
                         "per workload (rows' copy_gbs): warm copy_ of its largest needed input (hidden; attn "
-                        "without CLS) into a pre-allocated tensor, bytes read + written over the median time"),
+                        "without CLS) into a pre-allocated tensor, bytes read + written over the median time, "
+                        "measured in 5 alternating blocks with the package's kernel (rounds_ms)"),
         workloads={n: asdict(WORKLOADS[n]) for n in names},
         input_sets="CUDA: each call takes the next of several copies of the inputs (>= 4x L2 of bytes moved, "
         "<= 256 copies, <= 8 GB), so that calls stream from device memory; CPU: one set",
@@ -241,10 +263,19 @@ def run(args: argparse.Namespace, on_workload: Callable[[dict], None] | None = N
         # the clone floor: one copy of the largest input that must be read whole
         largest = "hidden" if w.has_cls else "attn"
         clone_ms = median_ms(rotating(lambda x: x[largest].clone()), device, args.min_time)
-        # CPU: the floor is a warm copy_ of the same bytes (same size, same cache level), this run
-        copy_gbs = copy_bandwidth_gbs(device, sets[0][largest], args.min_time) if bw is None else None
         moved = bytes_moved(w, sets[0]["hidden"].element_size())
-        times = {m: median_ms(rotating(call), device, args.min_time) for m, call in calls.items()}
+        fused = [m for m in calls if m in FUSED] if bw is None else []
+        times = {m: median_ms(rotating(call), device, args.min_time) for m, call in calls.items() if m not in fused}
+        copy_gbs = None
+        if bw is None:
+            # CPU: the floor is a warm copy_ of the same bytes (same size, same cache level) into a
+            # pre-allocated tensor, measured in alternating blocks with the package's kernel
+            src = sets[0][largest]
+            dst = torch.empty_like(src)
+            both = rounds_ms({"copy_": lambda: dst.copy_(src)} | {m: rotating(calls[m]) for m in fused},
+                             args.min_time * (1 + len(fused)))
+            copy_gbs = 2 * src.numel() * src.element_size() / (both.pop("copy_") * 1e-3) / 1e9
+            times = {m: times[m] if m in times else both[m] for m in calls}  # the table's order
         for mname, ms in times.items():
             row = dict(workload=name, method=mname, ms=ms, speedup_vs_eager=times["eager"] / ms if "eager" in times
                        else None, vs_clone=ms / clone_ms, clone_ms=clone_ms, bytes_moved=moved,

@@ -42,6 +42,10 @@ def compress_cases() -> dict[str, tuple[Case, bool]]:
         "fp16-cx0": (make_case(1, 300, 40, heads=3, form="full", k=50, contextual=0, has_cls=False,
                                dtype=torch.float16, seed=4), False),
         "fp64-rows": (make_case(2, 200, 33, heads=2, form="rows", k=30, dtype=torch.float64, seed=5), False),
+        # keys of 37 channels: not a multiple of any vector width (the assignment's transpose leaves a
+        # tail of channels), cx = 14 > 12 (two target chunks)
+        "odd-keydim": (make_case(2, 301, 64, heads=3, form="full", k=90, contextual=14, key_dim=37, seed=10),
+                       False),
         "lattice": (make_case(3, 201, 64, heads=5, form="full", k=40, key_dim=16, has_cls=False, lattice=True,
                               seed=6), True),
         "lattice-cls-bf16": (make_case(1, 201, 64, heads=5, form="full", k=40, key_dim=16, lattice=True,
@@ -174,15 +178,19 @@ def test_default_path_is_the_widest(isa_results):
 
 
 def test_read_order_changes_no_bits(isa_results, tmp_path):
-    """compress's pass reads the members target by target when hidden fits in the last-level cache
-    (every case here does) and in token order otherwise (VISIONZIP_CPU_CACHE_BYTES=0 forces it):
-    each sum adds its members in token order either way, so the results are the same bits."""
+    """compress's pass reads the members target by target (group_pool its patches group by group)
+    when the data fit in the last-level cache (every case here does) and in token order otherwise
+    (VISIONZIP_CPU_CACHE_BYTES=0 forces it): each sum adds its rows in token order either way, so the
+    results are the same bits."""
     widest = supported_isas()[-1]
     token_order = results_in_subprocess(tmp_path / "token-order.pt", VISIONZIP_CPU_ISA=widest,
                                         VISIONZIP_CPU_CACHE_BYTES="0")
     for name in compress_cases():
         for a, b in zip(isa_results[widest]["compress"][name], token_order["compress"][name]):
             assert torch.equal(a, b), f"{name}: the two read orders differ"
+    for name in group_pool_inputs():  # group_pool's patches: group by group, or in patch order
+        for a, b in zip(isa_results[widest]["group_pool"][name], token_order["group_pool"][name]):
+            assert torch.equal(a, b), f"group_pool {name}: the two read orders differ"
 
 
 @pytest.mark.parametrize("value", ["-1", "32M", "lots"])

@@ -144,10 +144,10 @@ def call_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, min_time: float, max_reps: int = 10_000) -> float:
-    """Median time of ``fn`` in ms (call_ms), after warm-up: calls for ``min_time`` seconds (at least 5,
-    at most ``max_reps``), so that a fast call's median spans the whole window, not a burst of a shared
-    machine's load."""
+def sample_ms(fn: Callable[[], object], device: torch.device, min_time: float, max_reps: int = 10_000) -> list[float]:
+    """Times of ``fn`` in ms (call_ms), after warm-up: calls for ``min_time`` seconds (at least 5, at most
+    ``max_reps``), so that a fast call's times span the whole window, not a burst of a shared machine's
+    load."""
     for _ in range(3):
         fn()
     sync(device)
@@ -155,24 +155,23 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_time: float, m
     start_all = time.perf_counter()
     while len(times) < 5 or (time.perf_counter() - start_all < min_time and len(times) < max_reps):
         times.append(call_ms(fn, device))
-    return statistics.median(times)
+    return times
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, min_time: float, max_reps: int = 10_000) -> float:
+    """Median of :func:`sample_ms`."""
+    return statistics.median(sample_ms(fn, device, min_time, max_reps))
 
 
 def rounds_ms(fns: dict[str, Callable[[], object]], min_time: float, rounds: int = 5) -> dict[str, float]:
     """CPU: median ms per call of each of ``fns``, measured in ``rounds`` alternating blocks of
-    ``min_time / rounds`` seconds each (warmed up at the start of every block), the medians taken over
-    all blocks: a shared machine's load drifts over seconds, and the blocks let every function sample
-    the same drift, while each block keeps its own data warm."""
+    ``min_time / rounds`` seconds each (:func:`sample_ms`, warmed up at the start of every block), the
+    medians taken over all blocks: a shared machine's load drifts over seconds, and the blocks let
+    every function sample the same drift, while each block keeps its own data warm."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            for _ in range(3):
-                fn()
-            start = time.perf_counter()
-            block = 0
-            while block < 5 or (time.perf_counter() - start < min_time / rounds and block < 10_000):
-                times[name].append(call_ms(fn, torch.device("cpu")))
-                block += 1
+            times[name] += sample_ms(fn, torch.device("cpu"), min_time / rounds)
     return {name: statistics.median(t) for name, t in times.items()}
 
 

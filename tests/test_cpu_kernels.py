@@ -107,9 +107,14 @@ def run_all() -> dict:
     return runs[1]
 
 
+def subprocess_env(**env_vars: str) -> dict[str, str]:
+    """This process's environment plus env_vars (the kernels read them once per process), the package importable."""
+    return dict(os.environ, **env_vars, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
 def results_in_subprocess(path: Path, **env_vars: str) -> dict:
-    """run_all() in a subprocess with the given environment variables (read once per process)."""
-    env = dict(os.environ, **env_vars, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    """run_all() in a subprocess with the given environment variables."""
+    env = subprocess_env(**env_vars)
     res = subprocess.run([sys.executable, __file__, str(path)], env=env, capture_output=True, text=True)
     assert res.returncode == 0, f"{env_vars}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return torch.load(path)
@@ -193,23 +198,17 @@ def test_read_order_changes_no_bits(isa_results, tmp_path):
             assert torch.equal(a, b), f"group_pool {name}: the two read orders differ"
 
 
-@pytest.mark.parametrize("value", ["-1", "32M", "lots"])
-def test_bad_cache_bytes_value_is_a_clear_error(value):
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [("VISIONZIP_CPU_ISA", v, "VISIONZIP_CPU_ISA must be baseline, avx2 or avx512") for v in ("sse9", "AVX2 ")]
+    + [("VISIONZIP_CPU_CACHE_BYTES", v, "VISIONZIP_CPU_CACHE_BYTES must be a byte count") for v in ("-1", "32M", "lots")],
+)
+def test_bad_env_value_is_a_clear_error(var, value, message):
     code = ("import torch, visionzip_kernels as vz\n"
             "vz.compress(torch.randn(1, 10, 8), torch.rand(1, 10), 4, backend='cpu')")
-    env = dict(os.environ, VISIONZIP_CPU_CACHE_BYTES=value,
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode != 0 and "VISIONZIP_CPU_CACHE_BYTES must be a byte count" in res.stderr
-
-
-@pytest.mark.parametrize("value", ["sse9", "AVX2 "])
-def test_bad_isa_value_is_a_clear_error(value):
-    code = ("import torch, visionzip_kernels as vz\n"
-            "vz.compress(torch.randn(1, 10, 8), torch.rand(1, 10), 4, backend='cpu')")
-    env = dict(os.environ, VISIONZIP_CPU_ISA=value, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert res.returncode != 0 and "VISIONZIP_CPU_ISA must be baseline, avx2 or avx512" in res.stderr
+    res = subprocess.run([sys.executable, "-c", code], env=subprocess_env(**{var: value}), capture_output=True,
+                         text=True)
+    assert res.returncode != 0 and message in res.stderr
 
 
 @pytest.mark.parametrize("batch", [3, 5])
